@@ -1,0 +1,82 @@
+"""TakeCare's inbound feed: HL7 v2 over MLLP into the gateway's intake.
+
+The ACK is the contract with the sender: positive only after the message is committed
+(original mode AA, enhanced mode CA), negative with the segment and field when the message
+is wrong (AE/AR), and AE/CE "store failed, resend" when the database could not commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import structlog
+
+from adapters.takecare import mllp
+from adapters.takecare.ack import build_ack
+from adapters.takecare.hl7in import Hl7Rejection, Inbound, parse
+from gateway.logs import error_fields
+from gateway.pipeline.intake import Intake
+from gateway.sources import SourceContext
+
+log = structlog.get_logger("brygga.takecare")
+SYSTEM_ERROR = "Message could not be stored; nothing was kept. Resend it."
+
+
+def _enhanced(inbound: Inbound) -> bool:
+    """Enhanced acknowledgement mode: the sender asked for accept ACKs in MSH-15."""
+    return inbound.accept_ack_type in ("AL", "SU", "ER")
+
+
+class TakeCareSource:
+    name = "takecare-mllp"
+
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self._intake: Intake | None = None
+        self._source_override = ""
+
+    async def start(self, ctx: SourceContext) -> None:
+        self._intake = ctx.intake
+        self._source_override = ctx.settings.source_system
+        self._server = await mllp.serve(ctx.settings.mllp_host, ctx.settings.mllp_port,
+                                        self.handle)
+        log.info("takecare.listening", port=ctx.settings.mllp_port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def handle(self, raw: bytes) -> bytes:
+        """One inbound frame in, one ACK out."""
+        try:
+            inbound = parse(raw)
+        except Hl7Rejection as rejection:
+            log.info("takecare.rejected", ack=rejection.ack_code, segment=rejection.segment,
+                     field=rejection.field, code=rejection.hl7_error_code)
+            return build_ack(rejection, rejection.ack_code, ack_control_id=str(uuid.uuid4()),
+                             error=rejection, text=rejection.text)
+        enhanced = _enhanced(inbound)
+        source = self._source_override or f"{inbound.sending_application}|" \
+                                          f"{inbound.sending_facility}"
+        assert self._intake is not None
+        try:
+            accepted = await self._intake.accept(
+                source=source,
+                control_id=inbound.control_id,
+                raw=raw,
+                message=inbound.canonical,
+                answer=lambda message_id: build_ack(inbound, "CA" if enhanced else "AA",
+                                                    ack_control_id=message_id),
+            )
+        except Exception as exc:
+            log.error("takecare.store_failed", control_id=inbound.control_id,
+                      **error_fields(exc))
+            failure = Hl7Rejection(
+                ack_code="CE" if enhanced else "AE", segment="MSH", sequence=1, field=None,
+                component=None, hl7_error_code=207, text=SYSTEM_ERROR,
+            )
+            return build_ack(inbound, failure.ack_code, ack_control_id=str(uuid.uuid4()),
+                             error=failure, text=SYSTEM_ERROR)
+        return accepted.answer

@@ -1,0 +1,88 @@
+"""The provider inbox for parties without a system of their own (home care, SÄBO, rehab)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from pydantic import BaseModel, Field
+
+from gateway.api.auth import Caller, require_role
+from gateway.pipeline import inbox
+from gateway.pipeline.ledger import Actor
+
+router = APIRouter(prefix="/api/v1/inbox", tags=["inbox"])
+Staff = Annotated[Caller, Depends(require_role("staff"))]
+NOT_FOUND = "No notice with this id in your organisation's inbox."
+
+EXAMPLE_ITEM = {
+    "id": "6f1c2a8e-3b7d-4c55-9a41-2f0e8d9b7c11",
+    "message_id": "0b9e5c7a-1d2f-4e3a-8b6c-5d4e3f2a1b0c",
+    "event": "inskrivningsmeddelande",
+    "event_display": "Inskrivningsmeddelande",
+    "for_information": True,
+    "role": "hemtjanst",
+    "sender_hsa_id": "SE2321000016-H001",
+    "patient": {"name": "Tolvan Tolvansson", "identifier": "191212121212",
+                "protected_identity": False},
+    "received_at": "2026-11-23T08:15:02.123456+00:00",
+    "state": "delivered",
+}
+
+
+class Acknowledgement(BaseModel):
+    """The person who acknowledges (kvitterar) the notice on behalf of the unit."""
+
+    name: str = Field(min_length=1, max_length=200, examples=["Anna Svensson"])
+    role: str = Field(min_length=1, max_length=100, examples=["Undersköterska"])
+
+
+@router.get(
+    "",
+    summary="List the notices addressed to your organisation",
+    responses={200: {"content": {"application/json": {"example": [EXAMPLE_ITEM]}}}},
+)
+async def list_inbox(request: Request, who: Staff) -> list[dict[str, Any]]:
+    """Newest first. Patients with protected identity are listed without name or number."""
+    async with request.app.state.db.read() as conn:
+        return await inbox.list_notices(conn, who.org)
+
+
+@router.get(
+    "/{notice_id}",
+    summary="Open a notice (records a *read* receipt)",
+    responses={404: {"description": NOT_FOUND},
+               200: {"content": {"application/json": {"example": {**EXAMPLE_ITEM,
+                     "state": "read", "bundle": {"resourceType": "Bundle", "type": "message"}}}}}},
+)
+async def open_notice(request: Request, notice_id: str, who: Staff) -> dict[str, Any]:
+    """Returns the notice with its FHIR message Bundle; the first opening is the *read* receipt."""
+    actor = Actor(name=who.name, role=who.role, org=who.org)
+    async with request.app.state.db.transaction() as conn:
+        notice = await inbox.open_notice(conn, who.org, notice_id, actor)
+    if notice is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
+    return {**notice.summary, "bundle": notice.bundle}
+
+
+@router.post(
+    "/{notice_id}/acknowledge",
+    summary="Acknowledge a notice (kvittens)",
+    responses={404: {"description": NOT_FOUND},
+               200: {"content": {"application/json": {"example": {
+                   "id": EXAMPLE_ITEM["id"], "acknowledged": True, "already_acknowledged": False,
+                   "receipts": [{"state": "accepted", "at": "2026-11-23T08:15:02+00:00"},
+                                {"state": "acknowledged", "at": "2026-11-23T09:01:40+00:00",
+                                 "by": {"name": "Anna Svensson", "role": "Undersköterska"}}]}}}}},
+)
+async def acknowledge(request: Request, notice_id: str, body: Acknowledgement,
+                      who: Staff) -> dict[str, Any]:
+    """Records who acknowledged, with name and role. Repeating it changes nothing."""
+    actor = Actor(name=body.name, role=body.role, org=who.org)
+    async with request.app.state.db.transaction() as conn:
+        result = await inbox.acknowledge(conn, who.org, notice_id, actor)
+        if result is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
+        receipts = await inbox.receipts_of(conn, notice_id)
+    return {"id": notice_id, "acknowledged": True, "already_acknowledged": not result[1],
+            "receipts": receipts}

@@ -1,0 +1,1 @@
+"""Kafka: topics, event envelopes, the outbox relay, the reconciler, the embedded broker."""

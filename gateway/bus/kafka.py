@@ -1,0 +1,69 @@
+"""aiokafka clients configured the one way the gateway uses them.
+
+No idempotent producer and no transactions: the embedded broker does not support them, and
+the outbox plus idempotent consumers make them unnecessary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from gateway.bus.topics import ALL_TOPICS
+from gateway.logs import error_fields
+
+log = structlog.get_logger("brygga.kafka")
+PARTITIONS = 4
+
+
+def producer(bootstrap: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=2,
+        request_timeout_ms=10000,
+        retry_backoff_ms=200,
+    )
+
+
+def consumer(bootstrap: str, topic: str, group: str, fetch_wait_ms: int) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=fetch_wait_ms,
+        max_poll_records=200,
+        # Tansu answers a group join after half the session timeout; 3 s keeps start-up and
+        # rebalances near 1.5 s. A member that stalls longer is replaced: harmless, because
+        # every stage is idempotent.
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=750,
+        retry_backoff_ms=200,
+    )
+
+
+async def ensure_topics(bootstrap: str, attempts: int = 50) -> None:
+    """Create the gateway's topics if missing (several partitions, so workers can share)."""
+    for attempt in range(attempts):
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            missing = [t for t in ALL_TOPICS if t not in existing]
+            if missing:
+                await admin.create_topics(
+                    [NewTopic(t, num_partitions=PARTITIONS, replication_factor=1) for t in missing]
+                )
+            return
+        except Exception as exc:
+            if attempt == attempts - 1:
+                raise
+            log.info("kafka.waiting", **error_fields(exc))
+            await asyncio.sleep(0.2)
+        finally:
+            await admin.close()

@@ -1,0 +1,158 @@
+"""The ``brygga`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gateway import logs
+from gateway.settings import ALL_STAGES, Settings
+
+app = typer.Typer(help="Brygga: discharge-coordination gateway (LUS).", no_args_is_help=True,
+                  add_completion=False)
+console = Console()
+
+
+def _serve(stages: tuple[str, ...]) -> None:
+    from gateway.runtime import Gateway
+
+    settings = Settings()
+    logs.configure(settings.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        gateway = Gateway(settings, stages)
+        waiter = asyncio.create_task(gateway.run_until(stop))
+        while not waiter.done() and gateway.waiting_for():
+            await asyncio.sleep(0.05)
+        if not waiter.done():
+            _banner(settings, gateway)
+        await waiter
+
+    asyncio.run(main())
+
+
+def _banner(settings: Settings, gateway: Any) -> None:
+    broker = gateway.broker.bootstrap + " (embedded)" if gateway.broker else settings.kafka_bootstrap
+    lines = [f"Brygga is running: stages {', '.join(gateway.stages)}"]
+    if "api" in gateway.stages:
+        lines.append(f"  HTTP  http://{settings.http_host}:{settings.http_port}  (API docs: /docs)")
+    if "intake" in gateway.stages:
+        lines.append(f"  MLLP  {settings.mllp_host}:{settings.mllp_port}")
+    lines.append(f"  DB    {gateway.db.engine.dialect.name}  Kafka {broker}")
+    lines.append("Try `brygga demo` in another terminal. Ctrl-C stops.")
+    console.print("\n".join(lines), highlight=False)
+
+
+@app.command()
+def run() -> None:
+    """Run every stage in one process (embedded SQLite and broker unless configured)."""
+    _serve(ALL_STAGES)
+
+
+@app.command()
+def worker(
+    stages: Annotated[str, typer.Option(help=f"Comma-separated, from: {','.join(ALL_STAGES)}")],
+) -> None:
+    """Run some stages only, to scale them out. Needs BRYGGA_KAFKA_BOOTSTRAP and a shared DB."""
+    chosen = tuple(s.strip() for s in stages.split(",") if s.strip())
+    unknown = sorted(set(chosen) - set(ALL_STAGES))
+    if unknown:
+        raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {list(ALL_STAGES)}")
+    if Settings().kafka_bootstrap is None:
+        raise typer.BadParameter("workers share a Kafka cluster: set BRYGGA_KAFKA_BOOTSTRAP")
+    _serve(chosen)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (``brygga run`` does this itself on start)."""
+    from gateway.store.db import migrate_sync
+
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate_sync(settings.db_url)
+    console.print("Database is at the newest schema.")
+
+
+@app.command()
+def token(
+    org: Annotated[str, typer.Option(help="The caller's organisation, an HSA-id.")],
+    role: Annotated[str, typer.Option(help="staff, ops, auditor or integration.")] = "staff",
+    name: Annotated[str, typer.Option(help="The person's name, recorded in receipts.")] = "",
+    hours: Annotated[float, typer.Option(help="Validity.")] = 8.0,
+) -> None:
+    """Issue a bearer token signed with this gateway's local key."""
+    from gateway.api.auth import TokenKeys
+
+    try:
+        print(TokenKeys.from_dir(Settings().keys_dir).issue(org, role, name, hours))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def status(message_id: Annotated[str, typer.Argument(help="The gateway's message id.")]) -> None:
+    """Print the receipt ledger of a message."""
+    from gateway.pipeline.views import message_ledger
+    from gateway.store.db import Database
+
+    async def fetch() -> dict[str, Any] | None:
+        db = Database(Settings().db_url)
+        try:
+            async with db.read() as conn:
+                return await message_ledger(conn, message_id)
+        finally:
+            await db.close()
+
+    ledger = asyncio.run(fetch())
+    if ledger is None:
+        console.print(f"No message with id {message_id}.")
+        raise typer.Exit(1)
+    print_ledger(ledger)
+
+
+def print_ledger(ledger: dict[str, Any]) -> None:
+    consent = ledger["consent"]
+    console.print(
+        f"Message {ledger['id']}  event [bold]{ledger['event']}[/]  status [bold]"
+        f"{ledger['status']}[/]  consent {consent['decision'] or '-'}"
+        f" ({consent['reason'] or 'not decided yet'})",
+        highlight=False,
+    )
+    table = Table("Recipient", "Role", "Channel", "State", "Receipts (time, UTC)")
+    for d in ledger["deliveries"]:
+        receipts = "\n".join(
+            f"{r['state']:<13} {r['at'][:23].replace('T', ' ')}"
+            + (f"  {r['by']['name']} ({r['by']['role']})" if r.get("by") else "")
+            + (f"  {r['detail']}" if r.get("detail") else "")
+            for r in d["receipts"]
+        )
+        role = d["role"] + (" (för kännedom)" if d["for_information"] else "")
+        table.add_row(f"{d['recipient']['name']}\n{d['recipient']['hsa_id']}", role,
+                      d["channel"] or "-", d["state"], receipts)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option(help="Where the gateway runs.")] = "127.0.0.1",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each step.")] = 30.0,
+) -> None:
+    """Play an admission through a running gateway and print its receipt ledger."""
+    from gateway.demo import play
+
+    ledger = asyncio.run(play(Settings(), host, timeout, console.print))
+    print_ledger(ledger)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

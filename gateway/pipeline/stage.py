@@ -1,0 +1,163 @@
+"""A pipeline stage: a Kafka consumer group whose every effect is exactly-once.
+
+Each record is handled in one database transaction that first claims the event id in
+``processed_events``; a duplicate (redelivery, republish by the reconciler) claims nothing
+and does nothing. Offsets are committed only after the transaction: a crash replays, the
+claim absorbs it. A handler that keeps failing parks the event on ``brygga.deadletter`` so
+its partition moves on; if even parking fails (the database is away) the stage waits and
+retries the same record rather than skip it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import structlog
+from aiokafka.structs import ConsumerRecord
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway import clock
+from gateway.bus import kafka, topics
+from gateway.bus.outbox import enqueue
+from gateway.bus.topics import Event
+from gateway.logs import error_fields
+from gateway.store.db import Database
+from gateway.store.sql import insert_ignore
+from gateway.store.tables import processed_events
+
+log = structlog.get_logger("brygga.stage")
+
+
+class Stage(ABC):
+    """Subclasses name their topic and event types and implement ``handle``."""
+
+    name: ClassVar[str]
+    topic: ClassVar[str]
+    handles: ClassVar[frozenset[str]]
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @abstractmethod
+    async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
+        """Do the stage's work inside ``conn``'s transaction; raise to roll back."""
+
+    async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
+        """Mark the entity behind a poison event as parked. Default: nothing beyond the DLQ."""
+
+
+class StageRunner:
+    def __init__(
+        self, stage: Stage, bootstrap: str, *, fetch_wait_ms: int, max_attempts: int
+    ) -> None:
+        self.stage = stage
+        self.bootstrap = bootstrap
+        self.fetch_wait_ms = fetch_wait_ms
+        self.max_attempts = max_attempts
+        self.ready = asyncio.Event()
+        self.handled = 0
+
+    async def run(self) -> None:
+        """Consume forever; if the consumer itself fails (broker away), start it again."""
+        while True:
+            try:
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("stage.restarting", stage=self.stage.name, **error_fields(exc))
+                await asyncio.sleep(1.0)
+
+    async def _consume(self) -> None:
+        consumer = kafka.consumer(
+            self.bootstrap, self.stage.topic, f"brygga.{self.stage.name}", self.fetch_wait_ms
+        )
+        await consumer.start()
+        self.ready.set()
+        log.info("stage.started", stage=self.stage.name, topic=self.stage.topic)
+        try:
+            while True:
+                batch = await consumer.getmany(timeout_ms=1000)
+                for records in batch.values():
+                    for record in records:
+                        await self._process(record)
+                if batch:
+                    try:
+                        await consumer.commit()
+                    except Exception as exc:  # rebalance or broker restart: replay is safe
+                        log.info("stage.commit_skipped", stage=self.stage.name, **error_fields(exc))
+        finally:
+            self.ready.clear()
+            await consumer.stop()
+
+    async def _process(self, record: ConsumerRecord) -> None:
+        key = record.key.decode() if record.key else ""
+        try:
+            event = Event.from_json(record.value)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("stage.unreadable_record", stage=self.stage.name, **error_fields(exc))
+            return
+        if event.type not in self.stage.handles:
+            return
+        backoff = 0.1
+        while True:
+            for attempt in range(1, self.max_attempts + 1):
+                try:
+                    await self._handle_once(event, key)
+                    self.handled += 1
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning(
+                        "stage.attempt_failed",
+                        stage=self.stage.name,
+                        event_id=event.id,
+                        attempt=attempt,
+                        **error_fields(exc),
+                    )
+                    last = exc
+                    await asyncio.sleep(backoff * attempt)
+            try:
+                await self._park(event, key, type(last).__name__)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("stage.park_failed", stage=self.stage.name, **error_fields(exc))
+                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(1.0)
+
+    async def _handle_once(self, event: Event, key: str) -> None:
+        async with self.stage.db.transaction() as conn:
+            if not await self._claim(conn, event):
+                return
+            await self.stage.handle(conn, event, key)
+
+    async def _park(self, event: Event, key: str, error: str) -> None:
+        async with self.stage.db.transaction() as conn:
+            if not await self._claim(conn, event):
+                return
+            await self.stage.park(conn, event, key, error)
+            await enqueue(
+                conn,
+                topics.DEADLETTER,
+                key,
+                Event(
+                    id=f"parked:{self.stage.name}:{event.id}",
+                    type="event.parked",
+                    message_id=event.message_id,
+                    delivery_id=event.delivery_id,
+                    data={"stage": self.stage.name, "event_id": event.id, "error": error},
+                ),
+            )
+        log.error("stage.parked", stage=self.stage.name, event_id=event.id, error=error)
+
+    async def _claim(self, conn: AsyncConnection, event: Event) -> bool:
+        return await insert_ignore(
+            conn,
+            processed_events,
+            {"consumer": self.stage.name, "event_id": event.id, "processed_at": clock.now()},
+        )

@@ -1,0 +1,169 @@
+"""Assembles one gateway process from settings: broker, database, stages, sources, HTTP.
+
+``brygga run`` starts every stage; ``brygga worker --stages …`` starts some. Each stage is
+an asyncio task in this process; they share nothing but the database and Kafka, so any
+subset can run anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any
+from pathlib import Path
+
+import structlog
+import uvicorn
+
+from gateway import sources
+from gateway.api.app import create_app
+from gateway.api.auth import TokenKeys
+from gateway.bus import kafka
+from gateway.bus.broker import EmbeddedBroker
+from gateway.bus.keys import PatientKeyer
+from gateway.bus.outbox import Relay
+from gateway.directory import Directory
+from gateway.logs import error_fields
+from gateway.pipeline.channels import ChannelRegistry
+from gateway.pipeline.consent import ConsentStage
+from gateway.pipeline.delivery import DeliverStage
+from gateway.pipeline.intake import Intake
+from gateway.pipeline.receipts import ReceiptsStage
+from gateway.pipeline.reconciler import Reconciler
+from gateway.pipeline.routing import RouteStage, RoutingRules
+from gateway.pipeline.stage import StageRunner
+from gateway.settings import ALL_STAGES, Settings
+from gateway.store.db import Database, migrate
+from mappings import MAPPINGS_DIR
+
+log = structlog.get_logger("brygga.runtime")
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn without its own signal handling: the runtime owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def directory_path(settings: Settings) -> Path:
+    return settings.directory_file or MAPPINGS_DIR / "directory" / "demo.toml"
+
+
+class Gateway:
+    def __init__(self, settings: Settings, stages: tuple[str, ...] = ALL_STAGES) -> None:
+        unknown = set(stages) - set(ALL_STAGES)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {ALL_STAGES}")
+        self.settings = settings
+        self.stages = stages
+        self.broker: EmbeddedBroker | None = None
+        self.db: Database | None = None
+        self.runners: list[StageRunner] = []
+        self.sources: list[sources.Source] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started: set[str] = set()
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._server: _Server | None = None
+
+    def waiting_for(self) -> list[str]:
+        """Stages not yet running; empty means ready."""
+        waiting = [s for s in self.stages if s not in self._started]
+        waiting += [f"stage:{r.stage.name}" for r in self.runners if not r.ready.is_set()]
+        return waiting
+
+    async def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        await migrate(s.db_url)
+        bootstrap = s.kafka_bootstrap
+        if bootstrap is None:
+            self.broker = EmbeddedBroker(s.data_dir, s.embedded_broker_port)
+            await self.broker.start()
+            self._spawn(self.broker.supervise())
+            bootstrap = self.broker.bootstrap
+        await kafka.ensure_topics(bootstrap)
+        self.db = db = Database(s.db_url)
+        keyer = PatientKeyer.from_file(s.keys_dir / "patient-hmac.key")
+        channels = ChannelRegistry.discover()
+        directory = Directory.load(directory_path(s))
+        rules = RoutingRules.load(s.routing_file or MAPPINGS_DIR / "routing" / "lus.toml")
+
+        if "relay" in self.stages:
+            producer = kafka.producer(bootstrap)
+            await producer.start()
+            self._closers.append(producer.stop)
+            self._spawn(Relay(db, producer, s.relay_poll_seconds).run())
+            self._started.add("relay")
+        if "reconcile" in self.stages:
+            self._spawn(Reconciler(db, s.reconcile_after_seconds,
+                                   s.reconcile_interval_seconds).run())
+            self._started.add("reconcile")
+        stage_objects = {
+            "consent": lambda: ConsentStage(db),
+            "route": lambda: RouteStage(db, directory, rules, channels),
+            "deliver": lambda: DeliverStage(db, channels),
+            "receipts": lambda: ReceiptsStage(db),
+        }
+        for name, make in stage_objects.items():
+            if name in self.stages:
+                runner = StageRunner(make(), bootstrap, fetch_wait_ms=s.consumer_fetch_wait_ms,
+                                     max_attempts=s.max_attempts)
+                self.runners.append(runner)
+                self._spawn(runner.run())
+                self._started.add(name)
+        if "intake" in self.stages:
+            ctx = sources.SourceContext(s, Intake(db, keyer))
+            for source in sources.discover():
+                await source.start(ctx)
+                self.sources.append(source)
+            self._started.add("intake")
+        if "api" in self.stages:
+            app = create_app(db, TokenKeys.from_dir(s.keys_dir), self.waiting_for)
+            config = uvicorn.Config(app, host=s.http_host, port=s.http_port, log_config=None,
+                                    access_log=False, lifespan="off")
+            self._server = server = _Server(config)
+            self._server_task = self._spawn(server.serve())
+            while not server.started:
+                await asyncio.sleep(0.02)
+            self._started.add("api")
+        log.info("gateway.started", stages=list(self.stages), http_port=s.http_port,
+                 mllp_port=s.mllp_port, database=db.engine.dialect.name,
+                 embedded_broker=self.broker is not None)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        task.add_done_callback(self._on_task_done)
+        self._tasks.append(task)
+        return task
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("gateway.task_failed", **error_fields(task.exception()))  # type: ignore[arg-type]
+
+    async def stop(self) -> None:
+        for source in self.sources:
+            await source.stop()
+        if self._server is not None:  # let in-flight HTTP requests finish
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._server_task), 5)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for close in self._closers:
+            await close()
+        if self.db:
+            await self.db.close()
+        if self.broker:
+            self.broker.stop()
+        log.info("gateway.stopped")
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.stop()

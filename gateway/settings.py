@@ -1,0 +1,81 @@
+"""Settings: environment variables prefixed ``BRYGGA_``, an optional TOML file, safe defaults.
+
+The defaults are the embedded mode: SQLite under ``./var/``, a Kafka-protocol broker the
+gateway starts itself on loopback, listeners bound to loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ALL_STAGES = ("intake", "consent", "route", "deliver", "receipts", "relay", "reconcile", "api")
+
+
+class Settings(BaseSettings):
+    """Every knob of one gateway process. Read once at start-up; pass it down, never re-read."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BRYGGA_",
+        toml_file=os.environ.get("BRYGGA_CONFIG", "brygga.toml"),
+        extra="forbid",
+    )
+
+    data_dir: Path = Field(Path("var"), description="Database file (embedded), keys, broker logs.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy async URL; default: SQLite file in data_dir."
+    )
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port of a Kafka cluster; default: start the embedded broker."
+    )
+    embedded_broker_port: int = Field(0, description="0 picks a free loopback port.")
+    mllp_host: str = "127.0.0.1"
+    mllp_port: int = 2575
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    directory_file: Path | None = Field(
+        None, description="Directory of recipients (TOML); default: the bundled demo directory."
+    )
+    routing_file: Path | None = Field(None, description="Routing rules; default: mappings/routing.")
+    source_system: str = Field(
+        "", description="Overrides the sender identity taken from MSH-3/MSH-4 (tests, proxies)."
+    )
+    reconcile_after_seconds: float = Field(
+        30.0, description="Republish work that has not advanced for this long."
+    )
+    reconcile_interval_seconds: float = 5.0
+    relay_poll_seconds: float = 0.2
+    consumer_fetch_wait_ms: int = 20
+    max_attempts: int = Field(3, description="Handler attempts before an event is parked.")
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the TOML file; explicit arguments beat both.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @cached_property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'brygga.db').resolve()}"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"

@@ -1,0 +1,1 @@
+"""The system of record: tables, the database handle, migrations."""

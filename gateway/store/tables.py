@@ -1,0 +1,129 @@
+"""Tables of the system of record. The same schema runs on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out; SQLite drops the zone, so it is put back on read."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use gateway.clock.now()")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# SQLite autoincrements only INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("source", String(200), nullable=False, comment="sending application|facility"),
+    Column("control_id", String(200), nullable=False, comment="MSH-10 or Bundle id"),
+    Column("event", String(40), nullable=False),
+    Column("patient_key", String(64), nullable=False, comment="HMAC of the patient identity"),
+    Column("raw", LargeBinary, nullable=False),
+    Column("canonical", Text, nullable=False, comment="FHIR message Bundle, JSON"),
+    Column("ack", LargeBinary, nullable=True, comment="the answer given; replayed for duplicates"),
+    Column("status", String(20), nullable=False),
+    Column("consent_decision", String(10), nullable=True),
+    Column("consent_reason", String(200), nullable=True),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    UniqueConstraint("source", "control_id"),
+    Index(None, "status", "updated_at"),
+    Index(None, "patient_key"),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("message_id", String(36), ForeignKey("messages.id"), nullable=False),
+    Column("recipient_hsa_id", String(64), nullable=False),
+    Column("recipient_name", String(200), nullable=False),
+    Column("role", String(40), nullable=False, comment="why this party receives it"),
+    Column("for_information", Boolean, nullable=False, default=False),
+    Column("channel", String(20), nullable=True),
+    Column("state", String(20), nullable=False),
+    Column("detail", String(500), nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    UniqueConstraint("message_id", "recipient_hsa_id"),
+    Index(None, "recipient_hsa_id", "channel", "state"),
+    Index(None, "state", "updated_at"),
+)
+
+receipt_events = Table(
+    "receipt_events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(36), ForeignKey("deliveries.id"), nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("actor_name", String(200), nullable=True),
+    Column("actor_role", String(100), nullable=True),
+    Column("actor_org", String(64), nullable=True),
+    Column("detail", String(500), nullable=True),
+    UniqueConstraint("delivery_id", "state"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("topic", String(100), nullable=False),
+    Column("key", String(64), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("published_at", UtcDateTime, nullable=True),
+    Index(None, "published_at", "id"),
+)
+
+processed_events = Table(
+    "processed_events",
+    metadata,
+    Column("consumer", String(40), primary_key=True),
+    Column("event_id", String(160), primary_key=True),
+    Column("processed_at", UtcDateTime, nullable=False),
+)

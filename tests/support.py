@@ -1,0 +1,194 @@
+"""Real parts for tests: a Kafka-protocol broker process, databases, gateway processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+
+from gateway.api.auth import TokenKeys
+from gateway.bus import broker as broker_mod
+from gateway.model.identifiers import luhn_check_digit
+
+PG_ADMIN_DSN = os.environ.get("BRYGGA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+STOCKHOLM = ZoneInfo("Europe/Stockholm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def personnummer(n: int) -> str:
+    """A valid, made-up personnummer (born 1930-1949), different for each n."""
+    year = 1930 + n % 20
+    month = 1 + (n // 20) % 12
+    day = 1 + (n // 240) % 28
+    serial = 100 + n % 900
+    nine = f"{year % 100:02d}{month:02d}{day:02d}{serial:03d}"
+    return f"{year // 100}{nine}{luhn_check_digit(nine)}"
+
+
+def now_sthlm() -> datetime:
+    return datetime.now(STOCKHOLM)
+
+
+class Broker:
+    """Tansu on a loopback port; can be killed (losing everything) and restarted."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.log = log_dir / "broker.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = broker_mod.spawn(self.port, self.log, die_with_parent=True)
+        asyncio.run(broker_mod.wait_listening(self.port))
+
+    def kill(self) -> None:
+        assert self.proc
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def create_pg_database() -> str:
+    import asyncpg
+
+    name = f"brygga_test_{uuid.uuid4().hex[:12]}"
+
+    async def go() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    return f"{base}/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    import asyncpg
+
+    name = url.rsplit("/", 1)[1]
+
+    async def go() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+class GatewayProcess:
+    """``python -m gateway run`` as a real process, as an operator would start it."""
+
+    def __init__(self, data_dir: Path, database_url: str, bootstrap: str | None,
+                 **extra_env: str) -> None:
+        self.data_dir = data_dir
+        self.http_port = free_port()
+        self.mllp_port = free_port()
+        self.log_path = data_dir / "gateway.log"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("BRYGGA_")},
+            "BRYGGA_DATA_DIR": str(data_dir),
+            "BRYGGA_DATABASE_URL": database_url,
+            "BRYGGA_HTTP_PORT": str(self.http_port),
+            "BRYGGA_MLLP_PORT": str(self.mllp_port),
+            "BRYGGA_RECONCILE_AFTER_SECONDS": "3",
+            "BRYGGA_RECONCILE_INTERVAL_SECONDS": "0.5",
+            **extra_env,
+        }
+        if bootstrap:
+            self.env["BRYGGA_KAFKA_BOOTSTRAP"] = bootstrap
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 60) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run"], env=self.env,
+                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited on start:\n{self.logs()[-3000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"gateway not ready in {timeout}s:\n{self.logs()[-3000:]}")
+
+    def kill(self) -> None:
+        assert self.proc
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                return self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode if self.proc else 0
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def token(self, org: str, role: str = "staff", name: str = "Test Person") -> dict[str, str]:
+        keys = TokenKeys.from_dir(self.data_dir / "keys")
+        return {"Authorization": "Bearer " + keys.issue(org, role, name)}
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", *args], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+
+
+def wait_for(probe: Any, timeout: float = 30, interval: float = 0.1, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or probe}")
+        time.sleep(interval)
+
+
+def iter_segments(ack: bytes) -> Iterator[list[str]]:
+    for seg in ack.decode("utf-8", "replace").replace("\n", "\r").split("\r"):
+        if seg:
+            yield seg.split("|")

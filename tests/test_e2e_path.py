@@ -1,0 +1,195 @@
+"""The whole path on real parts: MLLP in, store, Kafka, inbox, receipts, on both databases."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+import hl7
+import httpx
+from hl7.client import MLLPClient
+from sqlalchemy import func, select
+
+from gateway.demo import HOME_CARE, admission
+from gateway.store.db import Database
+from gateway.store.tables import deliveries, messages, outbox
+from tests.support import GatewayProcess, iter_segments, now_sthlm, personnummer, wait_for
+
+NIGHT_CARE = "SE5561234567-HT02"
+OPS = "SE2321000016-OPS1"
+STATES = ["accepted", "routed", "delivered", "read", "acknowledged"]
+
+
+def msa(ack: bytes | str) -> list[str]:
+    raw = ack.encode() if isinstance(ack, str) else ack
+    return next(seg for seg in iter_segments(raw) if seg[0] == "MSA")
+
+
+def err(ack: bytes) -> list[str] | None:
+    return next((seg for seg in iter_segments(ack) if seg[0] == "ERR"), None)
+
+
+def send(gw: GatewayProcess, message: bytes) -> bytes:
+    with MLLPClient("127.0.0.1", gw.mllp_port, encoding="utf-8") as client:
+        client.socket.settimeout(15)
+        return client.send_message(message).strip(b"\x0b\x1c\r")
+
+
+def inbox(gw: GatewayProcess, org: str = HOME_CARE) -> list[dict]:
+    r = httpx.get(f"{gw.base_url}/api/v1/inbox", headers=gw.token(org))
+    r.raise_for_status()
+    return r.json()
+
+
+def ledger(gw: GatewayProcess, message_id: str) -> dict:
+    r = httpx.get(f"{gw.base_url}/api/v1/messages/{message_id}", headers=gw.token(OPS, "ops"))
+    r.raise_for_status()
+    return r.json()
+
+
+def count_rows(url: str, table, **where) -> int:  # type: ignore[no-untyped-def]
+    async def go() -> int:
+        db = Database(url)
+        try:
+            async with db.read() as conn:
+                q = select(func.count()).select_from(table)
+                for col, value in where.items():
+                    q = q.where(table.c[col] == value)
+                return int((await conn.execute(q)).scalar_one())
+        finally:
+            await db.close()
+
+    return asyncio.run(go())
+
+
+def test_admission_reaches_home_care_and_ledger_moves_through_every_state(
+    gateway: GatewayProcess,
+) -> None:
+    ack = send(gateway, admission("E2E-1", now_sthlm(), pnr=personnummer(1)))
+    fields = msa(ack)
+    assert fields[1] == "AA" and fields[2] == "E2E-1"
+
+    notice = wait_for(lambda: next(iter(inbox(gateway)), None), what="notice in home-care inbox")
+    assert notice["event"] == "inskrivningsmeddelande"
+    assert notice["state"] == "delivered"
+    message_id = notice["message_id"]
+    # The night patrol was named in the message too and gets its own copy.
+    wait_for(lambda: inbox(gateway, NIGHT_CARE), what="notice in night-care inbox")
+
+    opened = httpx.get(f"{gateway.base_url}/api/v1/inbox/{notice['id']}",
+                       headers=gateway.token(HOME_CARE, name="Anna Svensson"))
+    assert opened.status_code == 200
+    assert opened.json()["bundle"]["type"] == "message"
+    acked = httpx.post(f"{gateway.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
+                       headers=gateway.token(HOME_CARE),
+                       json={"name": "Anna Svensson", "role": "Undersköterska"})
+    assert acked.status_code == 200 and acked.json()["already_acknowledged"] is False
+
+    ledger_doc = wait_for(lambda: (d := ledger(gateway, message_id))["status"] and d,
+                          what="ledger")
+    home = next(d for d in ledger_doc["deliveries"] if d["recipient"]["hsa_id"] == HOME_CARE)
+    assert [r["state"] for r in home["receipts"]] == STATES
+    times = [datetime.fromisoformat(r["at"]) for r in home["receipts"]]
+    assert times == sorted(times)
+    assert home["receipts"][-1]["by"] == {"name": "Anna Svensson", "role": "Undersköterska",
+                                          "org": HOME_CARE}
+    assert ledger_doc["consent"]["decision"] == "permit"
+    # Every named party in the directory got a delivery; nobody was left in "routed".
+    assert {d["recipient"]["hsa_id"] for d in ledger_doc["deliveries"]} == {
+        HOME_CARE, NIGHT_CARE, "SE2120001637-B020", "SE2321000016-V010"}
+
+    # Acknowledging again changes nothing.
+    again = httpx.post(f"{gateway.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
+                       headers=gateway.token(HOME_CARE), json={"name": "B", "role": "C"})
+    assert again.json()["already_acknowledged"] is True
+
+    status = gateway.cli("status", message_id)
+    assert status.returncode == 0, status.stderr
+    for state in STATES:
+        assert state in status.stdout
+
+
+def test_same_control_id_twice_gives_same_ack_and_one_delivery(gateway: GatewayProcess) -> None:
+    message = admission("E2E-DUP", now_sthlm(), pnr=personnummer(2))
+    first = send(gateway, message)
+    second = send(gateway, message)
+    assert msa(first)[1] == "AA"
+    assert first == second
+    wait_for(lambda: inbox(gateway), what="notice")
+    assert len(inbox(gateway)) == 1
+    assert count_rows(gateway.env["BRYGGA_DATABASE_URL"], messages) == 1
+
+
+def test_malformed_input_is_refused_naming_segment_and_field(gateway: GatewayProcess) -> None:
+    now = now_sthlm()
+    good_pnr = personnummer(3)
+    bad_pnr = good_pnr[:-1] + str((int(good_pnr[-1]) + 1) % 10)
+    no_pid = b"\r".join(s for s in admission("E2E-NOPID", now, pnr=good_pnr).split(b"\r")
+                        if not s.startswith(b"PID"))
+    cases = {
+        "not hl7": (b"hello, this is not HL7", ("AR",), "MSH"),
+        "wrong version": (admission("E2E-V", now, pnr=good_pnr, version="2.9"), ("AR",),
+                          "MSH^1^12"),
+        "missing PID": (no_pid, ("AE",), "PID"),
+        "bad check digit": (admission("E2E-LUHN", now, pnr=bad_pnr), ("AE",), "PID^1^3"),
+    }
+    for name, (message, codes, location) in cases.items():
+        ack = send(gateway, message)
+        assert msa(ack)[1] in codes, name
+        error = err(ack)
+        assert error is not None, name
+        assert error[2].startswith(location), (name, error)
+        assert bad_pnr.encode() not in ack and good_pnr.encode() not in ack
+    assert count_rows(gateway.env["BRYGGA_DATABASE_URL"], messages) == 0
+
+
+def test_ack_only_after_commit(gateway: GatewayProcess) -> None:
+    """Make every commit fail: the sender gets AE, never AA, and nothing half-stored remains."""
+    url = gateway.env["BRYGGA_DATABASE_URL"]
+
+    async def sabotage(on: bool) -> None:
+        db = Database(url)
+        try:
+            async with db.transaction() as conn:
+                if db.is_sqlite:
+                    await conn.exec_driver_sql(
+                        "CREATE TRIGGER fail_commit BEFORE INSERT ON outbox "
+                        "BEGIN SELECT RAISE(ABORT, 'disk full'); END" if on
+                        else "DROP TRIGGER fail_commit")
+                elif on:
+                    await conn.exec_driver_sql(
+                        "CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                        "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$")
+                    await conn.exec_driver_sql(
+                        "CREATE CONSTRAINT TRIGGER fail_commit AFTER INSERT ON outbox "
+                        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_commit()")
+                else:
+                    await conn.exec_driver_sql("DROP TRIGGER fail_commit ON outbox")
+                    await conn.exec_driver_sql("DROP FUNCTION fail_commit()")
+        finally:
+            await db.close()
+
+    message = admission("E2E-COMMIT", now_sthlm(), pnr=personnummer(4))
+    asyncio.run(sabotage(True))
+    ack = send(gateway, message)
+    assert msa(ack)[1] == "AE"
+    assert err(ack) is not None and err(ack)[3].startswith("207")
+    assert count_rows(url, messages) == 0
+    assert count_rows(url, outbox) == 0
+
+    asyncio.run(sabotage(False))
+    ack = send(gateway, message)  # the sender resends, as it must after AE
+    assert msa(ack)[1] == "AA"
+    wait_for(lambda: inbox(gateway), what="notice after resend")
+    assert count_rows(url, deliveries, recipient_hsa_id=HOME_CARE) == 1
+
+
+def test_enhanced_mode_gets_commit_ack(gateway: GatewayProcess) -> None:
+    message = admission("E2E-ENH", now_sthlm(), pnr=personnummer(5))
+    segments = message.split(b"\r")
+    msh = segments[0].split(b"|")
+    msh += [b""] * (17 - len(msh))
+    msh[14], msh[15] = b"AL", b"NE"
+    ack = send(gateway, b"\r".join([b"|".join(msh), *segments[1:]]))
+    assert msa(ack)[1] == "CA" and msa(ack)[2] == "E2E-ENH"
+    assert hl7.parse(ack.decode()).segment("MSA")[1][0] == "CA"
