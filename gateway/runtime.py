@@ -96,6 +96,7 @@ class Gateway:
             await producer.start()
             self._closers.append(producer.stop)
             self._spawn(Relay(db, producer, s.relay_poll_seconds).run())
+            self._spawn(kafka.keep_topics(bootstrap))
             self._started.add("relay")
         if "reconcile" in self.stages:
             self._spawn(Reconciler(db, s.reconcile_after_seconds,

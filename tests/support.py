@@ -134,9 +134,10 @@ class GatewayProcess:
 
     def start(self, timeout: float = 60) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
+        # stderr is the JSON log; stdout the banner for people.
+        with self.log_path.open("ab") as log, (self.data_dir / "gateway.out").open("ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run"], env=self.env,
-                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                                         stdout=out, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

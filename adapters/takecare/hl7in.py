@@ -76,9 +76,13 @@ _HEADER_FIELDS = tuple(f.name for f in dataclasses.fields(MshHeader))
 
 @dataclass(frozen=True, slots=True)
 class Inbound(MshHeader):
-    """An accepted message: its MSH header fields and the canonical message."""
+    """An accepted message: its MSH header fields and the canonical message.
 
-    canonical: CanonicalMessage = dataclasses.field(kw_only=True)
+    ``canonical`` is left out of repr(): it holds names and dates of birth, and a repr
+    ends up in logs and tracebacks.
+    """
+
+    canonical: CanonicalMessage = dataclasses.field(kw_only=True, repr=False)
 
 
 @dataclass(eq=False)

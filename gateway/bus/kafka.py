@@ -44,7 +44,19 @@ def consumer(bootstrap: str, topic: str, group: str, fetch_wait_ms: int) -> AIOK
         session_timeout_ms=3000,
         heartbeat_interval_ms=750,
         retry_backoff_ms=200,
+        # Notice soon when topics reappear after a broker lost them (memory storage).
+        metadata_max_age_ms=3000,
     )
+
+
+async def keep_topics(bootstrap: str, interval: float = 3.0) -> None:
+    """Re-create the topics whenever they vanish (a restarted memory-only broker)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await ensure_topics(bootstrap, attempts=1)
+        except Exception as exc:
+            log.info("kafka.topics_unavailable", **error_fields(exc))
 
 
 async def ensure_topics(bootstrap: str, attempts: int = 50) -> None:
