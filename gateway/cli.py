@@ -13,8 +13,9 @@ from rich.table import Table
 from gateway import logs
 from gateway.settings import ALL_STAGES, Settings
 
-app = typer.Typer(help="Brygga: discharge-coordination gateway (LUS).", no_args_is_help=True,
-                  add_completion=False)
+app = typer.Typer(
+    help="Brygga: discharge-coordination gateway (LUS).", no_args_is_help=True, add_completion=False
+)
 console = Console()
 
 
@@ -41,7 +42,9 @@ def _serve(stages: tuple[str, ...]) -> None:
 
 
 def _banner(settings: Settings, gateway: Any) -> None:
-    broker = gateway.broker.bootstrap + " (embedded)" if gateway.broker else settings.kafka_bootstrap
+    broker = (
+        (gateway.broker.bootstrap + " (embedded)") if gateway.broker else (settings.kafka_bootstrap)
+    )
     lines = [f"Brygga is running: stages {', '.join(gateway.stages)}"]
     if "api" in gateway.stages:
         lines.append(f"  HTTP  http://{settings.http_host}:{settings.http_port}  (API docs: /docs)")
@@ -137,8 +140,13 @@ def print_ledger(ledger: dict[str, Any]) -> None:
             for r in d["receipts"]
         )
         role = d["role"] + (" (för kännedom)" if d["for_information"] else "")
-        table.add_row(f"{d['recipient']['name']}\n{d['recipient']['hsa_id']}", role,
-                      d["channel"] or "-", d["state"], receipts)
+        table.add_row(
+            f"{d['recipient']['name']}\n{d['recipient']['hsa_id']}",
+            role,
+            d["channel"] or "-",
+            d["state"],
+            receipts,
+        )
     console.print(table)
 
 

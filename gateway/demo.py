@@ -24,9 +24,16 @@ OPS = "SE2321000016-OPS1"
 START, END = b"\x0b", b"\x1c\r"
 
 
-def admission(control_id: str, now: datetime, *, pnr: str = "191212121212",
-              family: str = "Tolvansson", given: str = "Tolvan", consent: str = "samtycke",
-              version: str = "2.5") -> bytes:
+def admission(
+    control_id: str,
+    now: datetime,
+    *,
+    pnr: str = "191212121212",
+    family: str = "Tolvansson",
+    given: str = "Tolvan",
+    consent: str = "samtycke",
+    version: str = "2.5",
+) -> bytes:
     """A realistic TakeCare admission (ADT^A01); by default of the test patient Tolvan
     Tolvansson (Skatteverket's published test personnummer)."""
     ts = now.strftime("%Y%m%d%H%M%S")
@@ -38,8 +45,7 @@ def admission(control_id: str, now: datetime, *, pnr: str = "191212121212",
         f"PID|1||{pnr}^^^^PNR||{family}^{given}^^^^^L||{pnr[:8]}|M|||"
         "Storgatan 1^^Stockholm^^11122^SWE",
         "PD1|||Vårdcentral Skärholmen^^^^^^^^^SE2321000016-V010",
-        f"PV1|1|I|{HOSPITAL}^51^1||||||||||||||||V{control_id}|||||||||||||||||||||||||"
-        f"{ts}",
+        f"PV1|1|I|{HOSPITAL}^51^1||||||||||||||||V{control_id}|||||||||||||||||||||||||{ts}",
         f"PV2|||||||||{now.strftime('%Y%m%d')}",
         "ROL|1|AD|HEMTJANST|SE5566778899-HT01^Omsorgshuset Hemtjänst AB",
         "ROL|2|AD|NATTPATRULL|SE5561234567-HT02^Nattpatrullen Söder",
@@ -78,16 +84,19 @@ async def _until(step: str, timeout: float, probe: Callable[[], Any]) -> Any:
         await asyncio.sleep(0.2)
 
 
-async def play(settings: Settings, host: str, timeout: float,
-               say: Callable[[str], None]) -> dict[str, Any]:
+async def play(
+    settings: Settings, host: str, timeout: float, say: Callable[[str], None]
+) -> dict[str, Any]:
     keys = TokenKeys.from_dir(settings.keys_dir)
     staff = {"Authorization": "Bearer " + keys.issue(HOME_CARE, "staff", "Anna Svensson")}
     ops = {"Authorization": "Bearer " + keys.issue(OPS, "ops", "Driftövervakning")}
     control_id = f"DEMO{int(time.time() * 1000)}"
     now = datetime.now(ZoneInfo("Europe/Stockholm"))
 
-    say(f"1. TakeCare sends an admission (ADT^A01, MSH-10 {control_id}) over MLLP "
-        f"to {host}:{settings.mllp_port}")
+    say(
+        f"1. TakeCare sends an admission (ADT^A01, MSH-10 {control_id}) over MLLP "
+        f"to {host}:{settings.mllp_port}"
+    )
     ack = await send_mllp(host, settings.mllp_port, admission(control_id, now), timeout)
     fields = msa(ack)
     say(f"   ACK: MSA-1 {fields[1]}, MSA-2 {fields[2]}")
@@ -96,8 +105,11 @@ async def play(settings: Settings, host: str, timeout: float,
 
     base = f"http://{host}:{settings.http_port}"
     async with httpx.AsyncClient(base_url=base, timeout=timeout) as http:
-        ids = (await http.get("/api/v1/messages", params={"control_id": control_id},
-                              headers=ops)).raise_for_status().json()["ids"]
+        ids = (
+            (await http.get("/api/v1/messages", params={"control_id": control_id}, headers=ops))
+            .raise_for_status()
+            .json()["ids"]
+        )
         message_id = ids[0]
 
         async def in_inbox() -> dict[str, Any] | None:
@@ -109,15 +121,23 @@ async def play(settings: Settings, host: str, timeout: float,
         say(f"   {notice['event_display']} for {notice['patient']['name']} has arrived")
         say("3. Anna Svensson opens it (read) and acknowledges it (kvittens)")
         (await http.get(f"/api/v1/inbox/{notice['id']}", headers=staff)).raise_for_status()
-        (await http.post(f"/api/v1/inbox/{notice['id']}/acknowledge", headers=staff,
-                         json={"name": "Anna Svensson", "role": "Undersköterska"})
-         ).raise_for_status()
+        (
+            await http.post(
+                f"/api/v1/inbox/{notice['id']}/acknowledge",
+                headers=staff,
+                json={"name": "Anna Svensson", "role": "Undersköterska"},
+            )
+        ).raise_for_status()
 
         async def all_delivered() -> dict[str, Any] | None:
-            ledger = (await http.get(f"/api/v1/messages/{message_id}", headers=ops)
-                      ).raise_for_status().json()
+            ledger = (
+                (await http.get(f"/api/v1/messages/{message_id}", headers=ops))
+                .raise_for_status()
+                .json()
+            )
             done = ledger["deliveries"] and all(
-                d["state"] != "routed" for d in ledger["deliveries"])
+                d["state"] != "routed" for d in ledger["deliveries"]
+            )
             return ledger if done else None
 
         say("4. The receipt ledger, per recipient:")

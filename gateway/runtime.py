@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import structlog
 import uvicorn
@@ -99,8 +99,9 @@ class Gateway:
             self._spawn(kafka.keep_topics(bootstrap))
             self._started.add("relay")
         if "reconcile" in self.stages:
-            self._spawn(Reconciler(db, s.reconcile_after_seconds,
-                                   s.reconcile_interval_seconds).run())
+            self._spawn(
+                Reconciler(db, s.reconcile_after_seconds, s.reconcile_interval_seconds).run()
+            )
             self._started.add("reconcile")
         stage_objects = {
             "consent": lambda: ConsentStage(db),
@@ -110,8 +111,12 @@ class Gateway:
         }
         for name, make in stage_objects.items():
             if name in self.stages:
-                runner = StageRunner(make(), bootstrap, fetch_wait_ms=s.consumer_fetch_wait_ms,
-                                     max_attempts=s.max_attempts)
+                runner = StageRunner(
+                    make(),
+                    bootstrap,
+                    fetch_wait_ms=s.consumer_fetch_wait_ms,
+                    max_attempts=s.max_attempts,
+                )
                 self.runners.append(runner)
                 self._spawn(runner.run())
                 self._started.add(name)
@@ -123,16 +128,27 @@ class Gateway:
             self._started.add("intake")
         if "api" in self.stages:
             app = create_app(db, TokenKeys.from_dir(s.keys_dir), self.waiting_for)
-            config = uvicorn.Config(app, host=s.http_host, port=s.http_port, log_config=None,
-                                    access_log=False, lifespan="off")
+            config = uvicorn.Config(
+                app,
+                host=s.http_host,
+                port=s.http_port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+            )
             self._server = server = _Server(config)
             self._server_task = self._spawn(server.serve())
             while not server.started:
                 await asyncio.sleep(0.02)
             self._started.add("api")
-        log.info("gateway.started", stages=list(self.stages), http_port=s.http_port,
-                 mllp_port=s.mllp_port, database=db.engine.dialect.name,
-                 embedded_broker=self.broker is not None)
+        log.info(
+            "gateway.started",
+            stages=list(self.stages),
+            http_port=s.http_port,
+            mllp_port=s.mllp_port,
+            database=db.engine.dialect.name,
+            embedded_broker=self.broker is not None,
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)

@@ -108,8 +108,9 @@ def drop_pg_database(url: str) -> None:
 class GatewayProcess:
     """``python -m gateway run`` as a real process, as an operator would start it."""
 
-    def __init__(self, data_dir: Path, database_url: str, bootstrap: str | None,
-                 **extra_env: str) -> None:
+    def __init__(
+        self, data_dir: Path, database_url: str, bootstrap: str | None, **extra_env: str
+    ) -> None:
         self.data_dir = data_dir
         self.http_port = free_port()
         self.mllp_port = free_port()
@@ -136,8 +137,13 @@ class GatewayProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # stderr is the JSON log; stdout the banner for people.
         with self.log_path.open("ab") as log, (self.data_dir / "gateway.out").open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run"], env=self.env,
-                                         stdout=out, stderr=log, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "run"],
+                env=self.env,
+                stdout=out,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -174,8 +180,13 @@ class GatewayProcess:
         return {"Authorization": "Bearer " + keys.issue(org, role, name)}
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway", *args], env=self.env,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
 
 def wait_for(probe: Any, timeout: float = 30, interval: float = 0.1, what: str = "") -> Any:

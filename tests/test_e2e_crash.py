@@ -23,12 +23,19 @@ RECIPIENTS_PER_MESSAGE = 4  # listed clinic, needs assessment, day and night hom
 
 def _messages(prefix: str, count: int, offset: int) -> dict[str, bytes]:
     now = now_sthlm()
-    return {f"{prefix}-{i}": admission(f"{prefix}-{i}", now, pnr=personnummer(offset + i))
-            for i in range(count)}
+    return {
+        f"{prefix}-{i}": admission(f"{prefix}-{i}", now, pnr=personnummer(offset + i))
+        for i in range(count)
+    }
 
 
-def _send_all(gw: GatewayProcess, batch: dict[str, bytes], acked: set[str],
-              connections: int = 4, on_ack: object = None) -> None:
+def _send_all(
+    gw: GatewayProcess,
+    batch: dict[str, bytes],
+    acked: set[str],
+    connections: int = 4,
+    on_ack: object = None,
+) -> None:
     """Send over several concurrent connections; remember which got a positive ACK."""
     ids = sorted(batch)
     lock = threading.Lock()
@@ -45,8 +52,9 @@ def _send_all(gw: GatewayProcess, batch: dict[str, bytes], acked: set[str],
                     if callable(on_ack):
                         on_ack(len(acked))
 
-    threads = [threading.Thread(target=worker, args=(ids[i::connections],))
-               for i in range(connections)]
+    threads = [
+        threading.Thread(target=worker, args=(ids[i::connections],)) for i in range(connections)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -62,9 +70,12 @@ def _delivered_exactly_once(gw: GatewayProcess, total: int) -> None:
     assert len(items) == total
     assert len({i["message_id"] for i in items}) == total
     url = gw.env["BRYGGA_DATABASE_URL"]
-    wait_for(lambda: count_rows(url, deliveries, state="delivered")
-             == total * RECIPIENTS_PER_MESSAGE, timeout=60, interval=0.5,
-             what="every recipient delivered")
+    wait_for(
+        lambda: count_rows(url, deliveries, state="delivered") == total * RECIPIENTS_PER_MESSAGE,
+        timeout=60,
+        interval=0.5,
+        what="every recipient delivered",
+    )
     assert count_rows(url, deliveries) == total * RECIPIENTS_PER_MESSAGE
 
 
@@ -120,16 +131,23 @@ def _all_records(bootstrap: str) -> list[tuple[bytes | None, bytes]]:
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
         await consumer.start()
         try:
-            parts = [TopicPartition(t, p) for t in ALL_TOPICS
-                     for p in (consumer.partitions_for_topic(t) or set())]
+            parts = [
+                TopicPartition(t, p)
+                for t in ALL_TOPICS
+                for p in (consumer.partitions_for_topic(t) or set())
+            ]
             if not parts:
                 await consumer._client.force_metadata_update()
-                parts = [TopicPartition(t, p) for t in ALL_TOPICS
-                         for p in (consumer.partitions_for_topic(t) or set())]
+                parts = [
+                    TopicPartition(t, p)
+                    for t in ALL_TOPICS
+                    for p in (consumer.partitions_for_topic(t) or set())
+                ]
             consumer.assign(parts)
             await consumer.seek_to_beginning(*parts)
             ends = await consumer.end_offsets(parts)
             records = []
+
             async def behind() -> bool:
                 return any([await consumer.position(p) < ends[p] for p in parts])
 
@@ -155,12 +173,21 @@ def test_no_patient_data_in_logs_or_kafka(gateway: GatewayProcess, broker: Broke
     wait_for(lambda: len(inbox(gateway)) == 5, what="five notices")
     notice = inbox(gateway)[0]
     httpx.get(f"{gateway.base_url}/api/v1/inbox/{notice['id']}", headers=gateway.token(HOME_CARE))
-    httpx.post(f"{gateway.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
-               headers=gateway.token(HOME_CARE), json={"name": "A", "role": "B"})
+    httpx.post(
+        f"{gateway.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
+        headers=gateway.token(HOME_CARE),
+        json={"name": "A", "role": "B"},
+    )
     gateway.stop()
 
-    secrets = [*pnrs, bad, *(p[2:] for p in pnrs), *(f"{p[:8]}-{p[8:]}" for p in pnrs),
-               *names, "Felsson"]
+    secrets = [
+        *pnrs,
+        bad,
+        *(p[2:] for p in pnrs),
+        *(f"{p[:8]}-{p[8:]}" for p in pnrs),
+        *names,
+        "Felsson",
+    ]
     lines = gateway.logs().splitlines()
     # The log does speak of these messages (so the absence below means something).
     assert sum('"intake.accepted"' in line for line in lines) == 5

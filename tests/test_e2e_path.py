@@ -76,31 +76,44 @@ def test_admission_reaches_home_care_and_ledger_moves_through_every_state(
     # The night patrol was named in the message too and gets its own copy.
     wait_for(lambda: inbox(gateway, NIGHT_CARE), what="notice in night-care inbox")
 
-    opened = httpx.get(f"{gateway.base_url}/api/v1/inbox/{notice['id']}",
-                       headers=gateway.token(HOME_CARE, name="Anna Svensson"))
+    opened = httpx.get(
+        f"{gateway.base_url}/api/v1/inbox/{notice['id']}",
+        headers=gateway.token(HOME_CARE, name="Anna Svensson"),
+    )
     assert opened.status_code == 200
     assert opened.json()["bundle"]["type"] == "message"
-    acked = httpx.post(f"{gateway.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
-                       headers=gateway.token(HOME_CARE),
-                       json={"name": "Anna Svensson", "role": "Undersköterska"})
+    acked = httpx.post(
+        f"{gateway.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
+        headers=gateway.token(HOME_CARE),
+        json={"name": "Anna Svensson", "role": "Undersköterska"},
+    )
     assert acked.status_code == 200 and acked.json()["already_acknowledged"] is False
 
-    ledger_doc = wait_for(lambda: (d := ledger(gateway, message_id))["status"] and d,
-                          what="ledger")
+    ledger_doc = wait_for(lambda: (d := ledger(gateway, message_id))["status"] and d, what="ledger")
     home = next(d for d in ledger_doc["deliveries"] if d["recipient"]["hsa_id"] == HOME_CARE)
     assert [r["state"] for r in home["receipts"]] == STATES
     times = [datetime.fromisoformat(r["at"]) for r in home["receipts"]]
     assert times == sorted(times)
-    assert home["receipts"][-1]["by"] == {"name": "Anna Svensson", "role": "Undersköterska",
-                                          "org": HOME_CARE}
+    assert home["receipts"][-1]["by"] == {
+        "name": "Anna Svensson",
+        "role": "Undersköterska",
+        "org": HOME_CARE,
+    }
     assert ledger_doc["consent"]["decision"] == "permit"
     # Every named party in the directory got a delivery; nobody was left in "routed".
     assert {d["recipient"]["hsa_id"] for d in ledger_doc["deliveries"]} == {
-        HOME_CARE, NIGHT_CARE, "SE2120001637-B020", "SE2321000016-V010"}
+        HOME_CARE,
+        NIGHT_CARE,
+        "SE2120001637-B020",
+        "SE2321000016-V010",
+    }
 
     # Acknowledging again changes nothing.
-    again = httpx.post(f"{gateway.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
-                       headers=gateway.token(HOME_CARE), json={"name": "B", "role": "C"})
+    again = httpx.post(
+        f"{gateway.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
+        headers=gateway.token(HOME_CARE),
+        json={"name": "B", "role": "C"},
+    )
     assert again.json()["already_acknowledged"] is True
 
     status = gateway.cli("status", message_id)
@@ -124,12 +137,18 @@ def test_malformed_input_is_refused_naming_segment_and_field(gateway: GatewayPro
     now = now_sthlm()
     good_pnr = personnummer(3)
     bad_pnr = good_pnr[:-1] + str((int(good_pnr[-1]) + 1) % 10)
-    no_pid = b"\r".join(s for s in admission("E2E-NOPID", now, pnr=good_pnr).split(b"\r")
-                        if not s.startswith(b"PID"))
+    no_pid = b"\r".join(
+        s
+        for s in admission("E2E-NOPID", now, pnr=good_pnr).split(b"\r")
+        if not s.startswith(b"PID")
+    )
     cases = {
         "not hl7": (b"hello, this is not HL7", ("AR",), "MSH"),
-        "wrong version": (admission("E2E-V", now, pnr=good_pnr, version="2.9"), ("AR",),
-                          "MSH^1^12"),
+        "wrong version": (
+            admission("E2E-V", now, pnr=good_pnr, version="2.9"),
+            ("AR",),
+            "MSH^1^12",
+        ),
         "missing PID": (no_pid, ("AE",), "PID"),
         "bad check digit": (admission("E2E-LUHN", now, pnr=bad_pnr), ("AE",), "PID^1^3"),
     }
@@ -154,15 +173,19 @@ def test_ack_only_after_commit(gateway: GatewayProcess) -> None:
                 if db.is_sqlite:
                     await conn.exec_driver_sql(
                         "CREATE TRIGGER fail_commit BEFORE INSERT ON outbox "
-                        "BEGIN SELECT RAISE(ABORT, 'disk full'); END" if on
-                        else "DROP TRIGGER fail_commit")
+                        "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+                        if on
+                        else "DROP TRIGGER fail_commit"
+                    )
                 elif on:
                     await conn.exec_driver_sql(
                         "CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS "
-                        "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$")
+                        "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$"
+                    )
                     await conn.exec_driver_sql(
                         "CREATE CONSTRAINT TRIGGER fail_commit AFTER INSERT ON outbox "
-                        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_commit()")
+                        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_commit()"
+                    )
                 else:
                     await conn.exec_driver_sql("DROP TRIGGER fail_commit ON outbox")
                     await conn.exec_driver_sql("DROP FUNCTION fail_commit()")

@@ -39,8 +39,7 @@ class TakeCareSource:
     async def start(self, ctx: SourceContext) -> None:
         self._intake = ctx.intake
         self._source_override = ctx.settings.source_system
-        self._server = await mllp.serve(ctx.settings.mllp_host, ctx.settings.mllp_port,
-                                        self.handle)
+        self._server = await mllp.serve(ctx.settings.mllp_host, ctx.settings.mllp_port, self.handle)
         log.info("takecare.listening", port=ctx.settings.mllp_port)
 
     async def stop(self) -> None:
@@ -53,13 +52,24 @@ class TakeCareSource:
         try:
             inbound = parse(raw)
         except Hl7Rejection as rejection:
-            log.info("takecare.rejected", ack=rejection.ack_code, segment=rejection.segment,
-                     field=rejection.field, code=rejection.hl7_error_code)
-            return build_ack(rejection, rejection.ack_code, ack_control_id=str(uuid.uuid4()),
-                             error=rejection, text=rejection.text)
+            log.info(
+                "takecare.rejected",
+                ack=rejection.ack_code,
+                segment=rejection.segment,
+                field=rejection.field,
+                code=rejection.hl7_error_code,
+            )
+            return build_ack(
+                rejection,
+                rejection.ack_code,
+                ack_control_id=str(uuid.uuid4()),
+                error=rejection,
+                text=rejection.text,
+            )
         enhanced = _enhanced(inbound)
-        source = self._source_override or f"{inbound.sending_application}|" \
-                                          f"{inbound.sending_facility}"
+        source = (
+            self._source_override or f"{inbound.sending_application}|{inbound.sending_facility}"
+        )
         assert self._intake is not None
         try:
             accepted = await self._intake.accept(
@@ -67,16 +77,26 @@ class TakeCareSource:
                 control_id=inbound.control_id,
                 raw=raw,
                 message=inbound.canonical,
-                answer=lambda message_id: build_ack(inbound, "CA" if enhanced else "AA",
-                                                    ack_control_id=message_id),
+                answer=lambda message_id: build_ack(
+                    inbound, "CA" if enhanced else "AA", ack_control_id=message_id
+                ),
             )
         except Exception as exc:
-            log.error("takecare.store_failed", control_id=inbound.control_id,
-                      **error_fields(exc))
+            log.error("takecare.store_failed", control_id=inbound.control_id, **error_fields(exc))
             failure = Hl7Rejection(
-                ack_code="CE" if enhanced else "AE", segment="MSH", sequence=1, field=None,
-                component=None, hl7_error_code=207, text=SYSTEM_ERROR,
+                ack_code="CE" if enhanced else "AE",
+                segment="MSH",
+                sequence=1,
+                field=None,
+                component=None,
+                hl7_error_code=207,
+                text=SYSTEM_ERROR,
             )
-            return build_ack(inbound, failure.ack_code, ack_control_id=str(uuid.uuid4()),
-                             error=failure, text=SYSTEM_ERROR)
+            return build_ack(
+                inbound,
+                failure.ack_code,
+                ack_control_id=str(uuid.uuid4()),
+                error=failure,
+                text=SYSTEM_ERROR,
+            )
         return accepted.answer

@@ -24,8 +24,7 @@ Authenticate with a bearer token: `brygga token --org HSA-ID --role staff` (inbo
 """
 
 
-def create_app(db: Database, token_keys: TokenKeys,
-               readiness: Callable[[], list[str]]) -> FastAPI:
+def create_app(db: Database, token_keys: TokenKeys, readiness: Callable[[], list[str]]) -> FastAPI:
     app = FastAPI(title="Brygga", version="0.1.0", description=DESCRIPTION)
     app.state.db = db
     app.state.token_keys = token_keys
@@ -34,14 +33,16 @@ def create_app(db: Database, token_keys: TokenKeys,
     app.include_router(routes_ops.router)
 
     @app.middleware("http")
-    async def no_leaks(request: Request,
-                       call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def no_leaks(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         # An unexpected error's text may hold patient data: answer generically, log the class.
         try:
             return await call_next(request)
         except Exception as exc:
             log.error("api.error", path=request.url.path, **error_fields(exc))
-            return JSONResponse({"detail": "Internal error; the operations log has details."},
-                                status_code=500)
+            return JSONResponse(
+                {"detail": "Internal error; the operations log has details."}, status_code=500
+            )
 
     return app

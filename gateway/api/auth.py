@@ -71,8 +71,13 @@ class TokenKeys:
         return jwt.encode(claims, self._private, algorithm="EdDSA")
 
     def verify(self, token: str) -> Caller:
-        claims = jwt.decode(token, self._public, algorithms=["EdDSA"], issuer=ISSUER,
-                            options={"require": ["exp", "org", "role"]})
+        claims = jwt.decode(
+            token,
+            self._public,
+            algorithms=["EdDSA"],
+            issuer=ISSUER,
+            options={"require": ["exp", "org", "role"]},
+        )
         return Caller(org=claims["org"], role=claims["role"], name=claims.get("name", ""))
 
 
@@ -93,20 +98,26 @@ def caller(
     try:
         return keys.verify(credentials.credentials)
     except jwt.ExpiredSignatureError:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Token expired; issue a new one.",
-                            headers={"WWW-Authenticate": "Bearer"}) from None
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "Token expired; issue a new one.",
+            headers={"WWW-Authenticate": "Bearer"},
+        ) from None
     except jwt.PyJWTError:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED,
-                            "Token not valid for this gateway (signature, issuer or claims).",
-                            headers={"WWW-Authenticate": "Bearer"}) from None
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "Token not valid for this gateway (signature, issuer or claims).",
+            headers={"WWW-Authenticate": "Bearer"},
+        ) from None
 
 
 def require_role(*roles: str):  # type: ignore[no-untyped-def]
     def check(who: Annotated[Caller, Depends(caller)]) -> Caller:
         if who.role not in roles:
-            raise HTTPException(status.HTTP_403_FORBIDDEN,
-                                f"This needs the role {' or '.join(roles)}; the token has "
-                                f"'{who.role}'.")
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"This needs the role {' or '.join(roles)}; the token has '{who.role}'.",
+            )
         return who
 
     return check

@@ -23,8 +23,11 @@ EXAMPLE_ITEM = {
     "for_information": True,
     "role": "hemtjanst",
     "sender_hsa_id": "SE2321000016-H001",
-    "patient": {"name": "Tolvan Tolvansson", "identifier": "191212121212",
-                "protected_identity": False},
+    "patient": {
+        "name": "Tolvan Tolvansson",
+        "identifier": "191212121212",
+        "protected_identity": False,
+    },
     "received_at": "2026-11-23T08:15:02.123456+00:00",
     "state": "delivered",
 }
@@ -51,9 +54,20 @@ async def list_inbox(request: Request, who: Staff) -> list[dict[str, Any]]:
 @router.get(
     "/{notice_id}",
     summary="Open a notice (records a *read* receipt)",
-    responses={404: {"description": NOT_FOUND},
-               200: {"content": {"application/json": {"example": {**EXAMPLE_ITEM,
-                     "state": "read", "bundle": {"resourceType": "Bundle", "type": "message"}}}}}},
+    responses={
+        404: {"description": NOT_FOUND},
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        **EXAMPLE_ITEM,
+                        "state": "read",
+                        "bundle": {"resourceType": "Bundle", "type": "message"},
+                    }
+                }
+            }
+        },
+    },
 )
 async def open_notice(request: Request, notice_id: str, who: Staff) -> dict[str, Any]:
     """Returns the notice with its FHIR message Bundle; the first opening is the *read* receipt."""
@@ -68,15 +82,32 @@ async def open_notice(request: Request, notice_id: str, who: Staff) -> dict[str,
 @router.post(
     "/{notice_id}/acknowledge",
     summary="Acknowledge a notice (kvittens)",
-    responses={404: {"description": NOT_FOUND},
-               200: {"content": {"application/json": {"example": {
-                   "id": EXAMPLE_ITEM["id"], "acknowledged": True, "already_acknowledged": False,
-                   "receipts": [{"state": "accepted", "at": "2026-11-23T08:15:02+00:00"},
-                                {"state": "acknowledged", "at": "2026-11-23T09:01:40+00:00",
-                                 "by": {"name": "Anna Svensson", "role": "Undersköterska"}}]}}}}},
+    responses={
+        404: {"description": NOT_FOUND},
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": EXAMPLE_ITEM["id"],
+                        "acknowledged": True,
+                        "already_acknowledged": False,
+                        "receipts": [
+                            {"state": "accepted", "at": "2026-11-23T08:15:02+00:00"},
+                            {
+                                "state": "acknowledged",
+                                "at": "2026-11-23T09:01:40+00:00",
+                                "by": {"name": "Anna Svensson", "role": "Undersköterska"},
+                            },
+                        ],
+                    }
+                }
+            }
+        },
+    },
 )
-async def acknowledge(request: Request, notice_id: str, body: Acknowledgement,
-                      who: Staff) -> dict[str, Any]:
+async def acknowledge(
+    request: Request, notice_id: str, body: Acknowledgement, who: Staff
+) -> dict[str, Any]:
     """Records who acknowledged, with name and role. Repeating it changes nothing."""
     actor = Actor(name=body.name, role=body.role, org=who.org)
     async with request.app.state.db.transaction() as conn:
@@ -84,5 +115,9 @@ async def acknowledge(request: Request, notice_id: str, body: Acknowledgement,
         if result is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
         receipts = await inbox.receipts_of(conn, notice_id)
-    return {"id": notice_id, "acknowledged": True, "already_acknowledged": not result[1],
-            "receipts": receipts}
+    return {
+        "id": notice_id,
+        "acknowledged": True,
+        "already_acknowledged": not result[1],
+        "receipts": receipts,
+    }

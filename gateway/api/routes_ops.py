@@ -21,30 +21,45 @@ EXAMPLE_LEDGER = {
     "status": "complete",
     "consent": {"decision": "permit", "reason": "Patientens samtycke registrerat vid inskrivning"},
     "received_at": "2026-11-23T08:15:02.120000+00:00",
-    "deliveries": [{
-        "delivery_id": "6f1c2a8e-3b7d-4c55-9a41-2f0e8d9b7c11",
-        "recipient": {"hsa_id": "SE5566778899-HT01", "name": "Omsorgshuset Hemtjänst AB"},
-        "role": "hemtjanst", "for_information": True, "channel": "inbox",
-        "state": "acknowledged",
-        "receipts": [
-            {"state": "accepted", "at": "2026-11-23T08:15:02.120000+00:00"},
-            {"state": "routed", "at": "2026-11-23T08:15:02.180000+00:00"},
-            {"state": "delivered", "at": "2026-11-23T08:15:02.210000+00:00"},
-            {"state": "read", "at": "2026-11-23T08:40:11.000000+00:00",
-             "by": {"name": "", "role": "staff", "org": "SE5566778899-HT01"}},
-            {"state": "acknowledged", "at": "2026-11-23T08:41:03.000000+00:00",
-             "by": {"name": "Anna Svensson", "role": "Undersköterska",
-                    "org": "SE5566778899-HT01"}},
-        ],
-    }],
+    "deliveries": [
+        {
+            "delivery_id": "6f1c2a8e-3b7d-4c55-9a41-2f0e8d9b7c11",
+            "recipient": {"hsa_id": "SE5566778899-HT01", "name": "Omsorgshuset Hemtjänst AB"},
+            "role": "hemtjanst",
+            "for_information": True,
+            "channel": "inbox",
+            "state": "acknowledged",
+            "receipts": [
+                {"state": "accepted", "at": "2026-11-23T08:15:02.120000+00:00"},
+                {"state": "routed", "at": "2026-11-23T08:15:02.180000+00:00"},
+                {"state": "delivered", "at": "2026-11-23T08:15:02.210000+00:00"},
+                {
+                    "state": "read",
+                    "at": "2026-11-23T08:40:11.000000+00:00",
+                    "by": {"name": "", "role": "staff", "org": "SE5566778899-HT01"},
+                },
+                {
+                    "state": "acknowledged",
+                    "at": "2026-11-23T08:41:03.000000+00:00",
+                    "by": {
+                        "name": "Anna Svensson",
+                        "role": "Undersköterska",
+                        "org": "SE5566778899-HT01",
+                    },
+                },
+            ],
+        }
+    ],
 }
 
 
 @router.get(
     "/api/v1/messages/{message_id}",
     summary="The receipt ledger of one message",
-    responses={404: {"description": "No such message."},
-               200: {"content": {"application/json": {"example": EXAMPLE_LEDGER}}}},
+    responses={
+        404: {"description": "No such message."},
+        200: {"content": {"application/json": {"example": EXAMPLE_LEDGER}}},
+    },
 )
 async def get_message(request: Request, message_id: str, who: Ops) -> dict[str, Any]:
     """Pipeline status, consent decision and, per recipient, every receipt with its time."""
@@ -57,7 +72,8 @@ async def get_message(request: Request, message_id: str, who: Ops) -> dict[str, 
 
 @router.get("/api/v1/messages", summary="Find messages by the sender's control id (MSH-10)")
 async def find_messages(
-    request: Request, who: Ops,
+    request: Request,
+    who: Ops,
     control_id: Annotated[str, Query(min_length=1, max_length=200, examples=["MSG00001"])],
     source: Annotated[str | None, Query(max_length=200)] = None,
 ) -> dict[str, list[str]]:
@@ -70,8 +86,12 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Every stage of this process is running", tags=["health"],
-            responses={503: {"description": "Some stage is not running yet."}})
+@router.get(
+    "/readyz",
+    summary="Every stage of this process is running",
+    tags=["health"],
+    responses={503: {"description": "Some stage is not running yet."}},
+)
 async def readyz(request: Request) -> JSONResponse:
     waiting = request.app.state.readiness()
     if waiting:

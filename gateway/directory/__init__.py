@@ -9,8 +9,17 @@ from pathlib import Path
 from gateway.model.identifiers import is_hsa_id
 
 KINDS = frozenset(
-    {"hospital", "primary-care", "needs-assessment", "home-care", "sabo", "rehab",
-     "municipal-health-care", "psychiatry", "asih"}
+    {
+        "hospital",
+        "primary-care",
+        "needs-assessment",
+        "home-care",
+        "sabo",
+        "rehab",
+        "municipal-health-care",
+        "psychiatry",
+        "asih",
+    }
 )
 
 

@@ -96,7 +96,6 @@ def _org_id(hsa_id: str) -> str:
 def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str, Any]:
     """Render the canonical message as a FHIR R4 ``Bundle`` of type ``message`` (JSON dict)."""
     message_id = message_id or str(uuid.uuid4())
-    pid = msg.primary_id
     orgs: dict[str, dict[str, Any]] = {msg.sender_hsa_id: _org(msg.sender_hsa_id, msg.sender_name)}
     parties = ([msg.listed_clinic] if msg.listed_clinic else []) + msg.care_parties
     for party in parties:

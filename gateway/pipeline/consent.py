@@ -64,13 +64,15 @@ class ConsentStage(Stage):
 
 
 def permitted_event(message_id: str) -> Event:
-    return Event(id=f"message.permitted:{message_id}", type="message.permitted",
-                 message_id=message_id)
+    return Event(
+        id=f"message.permitted:{message_id}", type="message.permitted", message_id=message_id
+    )
 
 
 def accepted_event(message_id: str) -> Event:
-    return Event(id=f"message.accepted:{message_id}", type="message.accepted",
-                 message_id=message_id)
+    return Event(
+        id=f"message.accepted:{message_id}", type="message.accepted", message_id=message_id
+    )
 
 
 async def park_message(conn: AsyncConnection, message_id: str) -> None:

@@ -30,8 +30,12 @@ class DeliverStage(Stage):
         assert event.delivery_id
         row = (
             await conn.execute(
-                select(deliveries.c.state, deliveries.c.channel, deliveries.c.recipient_hsa_id,
-                       messages.c.canonical)
+                select(
+                    deliveries.c.state,
+                    deliveries.c.channel,
+                    deliveries.c.recipient_hsa_id,
+                    messages.c.canonical,
+                )
                 .join(messages, messages.c.id == deliveries.c.message_id)
                 .where(deliveries.c.id == event.delivery_id)
             )
@@ -43,13 +47,21 @@ class DeliverStage(Stage):
             raise LookupError("channel not available in this process")
         outcome = await channel.deliver(
             conn,
-            DeliveryContext(event.delivery_id, event.message_id, row.recipient_hsa_id,
-                            json.loads(row.canonical)),
+            DeliveryContext(
+                event.delivery_id, event.message_id, row.recipient_hsa_id, json.loads(row.canonical)
+            ),
         )
-        await ledger.record(conn, event.delivery_id, event.message_id, key, outcome.state,
-                            detail=outcome.detail)
+        await ledger.record(
+            conn, event.delivery_id, event.message_id, key, outcome.state, detail=outcome.detail
+        )
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
         assert event.delivery_id
-        await ledger.record(conn, event.delivery_id, event.message_id, key, State.PARKED,
-                            detail=f"Leveransen parkerad efter upprepade fel ({error})")
+        await ledger.record(
+            conn,
+            event.delivery_id,
+            event.message_id,
+            key,
+            State.PARKED,
+            detail=f"Leveransen parkerad efter upprepade fel ({error})",
+        )

@@ -33,12 +33,23 @@ class Notice:
 
 def _visible(org: str):  # type: ignore[no-untyped-def]
     return (
-        select(deliveries.c.id, deliveries.c.message_id, deliveries.c.state,
-               deliveries.c.for_information, deliveries.c.role, deliveries.c.updated_at,
-               messages.c.canonical, messages.c.patient_key, messages.c.received_at)
+        select(
+            deliveries.c.id,
+            deliveries.c.message_id,
+            deliveries.c.state,
+            deliveries.c.for_information,
+            deliveries.c.role,
+            deliveries.c.updated_at,
+            messages.c.canonical,
+            messages.c.patient_key,
+            messages.c.received_at,
+        )
         .join(messages, messages.c.id == deliveries.c.message_id)
-        .where(deliveries.c.recipient_hsa_id == org, deliveries.c.channel == "inbox",
-               deliveries.c.state.in_([s.value for s in VISIBLE_IN_INBOX]))
+        .where(
+            deliveries.c.recipient_hsa_id == org,
+            deliveries.c.channel == "inbox",
+            deliveries.c.state.in_([s.value for s in VISIBLE_IN_INBOX]),
+        )
     )
 
 
@@ -75,40 +86,49 @@ async def get_notice(conn: AsyncConnection, org: str, delivery_id: str) -> Notic
     if row is None:
         return None
     bundle = json.loads(row.canonical)
-    return Notice(row.id, row.message_id, row.patient_key,
-                  _summary(row, bundle, in_list=False), bundle)
+    return Notice(
+        row.id, row.message_id, row.patient_key, _summary(row, bundle, in_list=False), bundle
+    )
 
 
-async def open_notice(conn: AsyncConnection, org: str, delivery_id: str,
-                      actor: Actor) -> Notice | None:
+async def open_notice(
+    conn: AsyncConnection, org: str, delivery_id: str, actor: Actor
+) -> Notice | None:
     """Return the notice and record that a person has read it (the first time)."""
     notice = await get_notice(conn, org, delivery_id)
     if notice is not None:
-        await ledger.record(conn, delivery_id, notice.message_id, notice.patient_key, State.READ,
-                            actor=actor)
+        await ledger.record(
+            conn, delivery_id, notice.message_id, notice.patient_key, State.READ, actor=actor
+        )
     return notice
 
 
-async def acknowledge(conn: AsyncConnection, org: str, delivery_id: str,
-                      actor: Actor) -> tuple[Notice, bool] | None:
+async def acknowledge(
+    conn: AsyncConnection, org: str, delivery_id: str, actor: Actor
+) -> tuple[Notice, bool] | None:
     """Record the kvittens. Reading is implied. Returns (notice, newly_acknowledged)."""
     notice = await open_notice(conn, org, delivery_id, actor)
     if notice is None:
         return None
-    new = await ledger.record(conn, delivery_id, notice.message_id, notice.patient_key,
-                              State.ACKNOWLEDGED, actor=actor)
+    new = await ledger.record(
+        conn, delivery_id, notice.message_id, notice.patient_key, State.ACKNOWLEDGED, actor=actor
+    )
     return notice, new
 
 
 async def receipts_of(conn: AsyncConnection, delivery_id: str) -> list[dict[str, Any]]:
     rows = (
         await conn.execute(
-            select(receipt_events).where(receipt_events.c.delivery_id == delivery_id)
+            select(receipt_events)
+            .where(receipt_events.c.delivery_id == delivery_id)
             .order_by(receipt_events.c.at, receipt_events.c.id)
         )
     ).all()
     return [
-        {"state": r.state, "at": r.at.isoformat(),
-         **({"by": {"name": r.actor_name, "role": r.actor_role}} if r.actor_name else {})}
+        {
+            "state": r.state,
+            "at": r.at.isoformat(),
+            **({"by": {"name": r.actor_name, "role": r.actor_role}} if r.actor_name else {}),
+        }
         for r in rows
     ]

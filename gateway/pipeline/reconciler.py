@@ -62,14 +62,16 @@ class Reconciler:
                 await conn.execute(
                     select(deliveries.c.id, deliveries.c.message_id, messages.c.patient_key)
                     .join(messages, messages.c.id == deliveries.c.message_id)
-                    .where(deliveries.c.state == State.ROUTED.value,
-                           deliveries.c.updated_at < cutoff)
+                    .where(
+                        deliveries.c.state == State.ROUTED.value, deliveries.c.updated_at < cutoff
+                    )
                     .limit(LIMIT)
                 )
             ).all()
             for r in rows:
-                await enqueue(conn, topics.DELIVERIES, r.patient_key,
-                              delivery_event(r.message_id, r.id))
+                await enqueue(
+                    conn, topics.DELIVERIES, r.patient_key, delivery_event(r.message_id, r.id)
+                )
             if rows:
                 await conn.execute(
                     update(deliveries)
@@ -80,8 +82,9 @@ class Reconciler:
         self.republished += count
         return count
 
-    async def _messages(self, conn: AsyncConnection, status: str, cutoff, now, make_event,
-                        settle: bool = False) -> int:  # type: ignore[no-untyped-def]
+    async def _messages(
+        self, conn: AsyncConnection, status: str, cutoff, now, make_event, settle: bool = False
+    ) -> int:  # type: ignore[no-untyped-def]
         query = select(messages.c.id, messages.c.patient_key).where(
             messages.c.status == status, messages.c.updated_at < cutoff
         )
@@ -96,7 +99,8 @@ class Reconciler:
             await enqueue(conn, topic, r.patient_key, make_event(r.id))
         if rows:
             await conn.execute(
-                update(messages).where(messages.c.id.in_([r.id for r in rows]))
+                update(messages)
+                .where(messages.c.id.in_([r.id for r in rows]))
                 .values(updated_at=now)
             )
         return len(rows)
@@ -104,5 +108,8 @@ class Reconciler:
 
 def _settle_event(message_id: str) -> Event:
     # A fresh id each time: settling is idempotent, and an old id may already be claimed.
-    return Event(id=f"message.settle:{message_id}:{clock.now().timestamp()}",
-                 type="message.settle", message_id=message_id)
+    return Event(
+        id=f"message.settle:{message_id}:{clock.now().timestamp()}",
+        type="message.settle",
+        message_id=message_id,
+    )

@@ -96,7 +96,6 @@ class RouteStage(Stage):
         view = read_bundle(json.loads(row.canonical))
         rule = self.rules.rule(view.event)
         now = clock.now()
-        routed = 0
         seen: set[str] = set()
         for party in view.parties:
             if party.hsa_id in seen or party.hsa_id == view.sender_hsa_id:
@@ -121,18 +120,23 @@ class RouteStage(Stage):
                     updated_at=now,
                 )
             )
-            await ledger.record(conn, delivery_id, event.message_id, key, State.ACCEPTED,
-                                at=row.received_at)
+            await ledger.record(
+                conn, delivery_id, event.message_id, key, State.ACCEPTED, at=row.received_at
+            )
             if channel is None:
-                reason = ("Mottagaren finns inte i katalogen" if org is None
-                          else "Mottagaren saknar en kanal som gatewayen kan leverera till")
-                await ledger.record(conn, delivery_id, event.message_id, key, State.FAILED,
-                                    detail=reason, at=now)
+                reason = (
+                    "Mottagaren finns inte i katalogen"
+                    if org is None
+                    else "Mottagaren saknar en kanal som gatewayen kan leverera till"
+                )
+                await ledger.record(
+                    conn, delivery_id, event.message_id, key, State.FAILED, detail=reason, at=now
+                )
                 continue
             await ledger.record(conn, delivery_id, event.message_id, key, State.ROUTED, at=now)
-            await enqueue(conn, topics.DELIVERIES, key, delivery_event(event.message_id,
-                                                                        delivery_id))
-            routed += 1
+            await enqueue(
+                conn, topics.DELIVERIES, key, delivery_event(event.message_id, delivery_id)
+            )
         await conn.execute(
             update(messages)
             .where(messages.c.id == event.message_id)

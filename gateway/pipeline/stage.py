@@ -44,7 +44,9 @@ class Stage(ABC):
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         """Do the stage's work inside ``conn``'s transaction; raise to roll back."""
 
-    async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
+    async def park(  # noqa: B027 - optional hook, not abstract
+        self, conn: AsyncConnection, event: Event, key: str, error: str
+    ) -> None:
         """Mark the entity behind a poison event as parked. Default: nothing beyond the DLQ."""
 
 

@@ -22,23 +22,39 @@ async def message_ledger(conn: AsyncConnection, message_id: str) -> dict[str, An
     """
     msg = (
         await conn.execute(
-            select(messages.c.id, messages.c.source, messages.c.control_id, messages.c.event,
-                   messages.c.status, messages.c.consent_decision, messages.c.consent_reason,
-                   messages.c.received_at).where(messages.c.id == message_id)
+            select(
+                messages.c.id,
+                messages.c.source,
+                messages.c.control_id,
+                messages.c.event,
+                messages.c.status,
+                messages.c.consent_decision,
+                messages.c.consent_reason,
+                messages.c.received_at,
+            ).where(messages.c.id == message_id)
         )
     ).first()
     if msg is None:
         return None
     rows = (
         await conn.execute(
-            select(deliveries, receipt_events.c.state.label("r_state"),
-                   receipt_events.c.at.label("r_at"), receipt_events.c.actor_name,
-                   receipt_events.c.actor_role, receipt_events.c.actor_org,
-                   receipt_events.c.detail.label("r_detail"))
+            select(
+                deliveries,
+                receipt_events.c.state.label("r_state"),
+                receipt_events.c.at.label("r_at"),
+                receipt_events.c.actor_name,
+                receipt_events.c.actor_role,
+                receipt_events.c.actor_org,
+                receipt_events.c.detail.label("r_detail"),
+            )
             .join(receipt_events, receipt_events.c.delivery_id == deliveries.c.id)
             .where(deliveries.c.message_id == message_id)
-            .order_by(deliveries.c.created_at, deliveries.c.recipient_hsa_id, receipt_events.c.at,
-                      receipt_events.c.id)
+            .order_by(
+                deliveries.c.created_at,
+                deliveries.c.recipient_hsa_id,
+                receipt_events.c.at,
+                receipt_events.c.id,
+            )
         )
     ).all()
     recipients: dict[str, dict[str, Any]] = {}
@@ -73,8 +89,7 @@ async def message_ledger(conn: AsyncConnection, message_id: str) -> dict[str, An
     }
 
 
-async def find_message_id(conn: AsyncConnection, source: str | None,
-                          control_id: str) -> list[str]:
+async def find_message_id(conn: AsyncConnection, source: str | None, control_id: str) -> list[str]:
     query = select(messages.c.id).where(messages.c.control_id == control_id)
     if source:
         query = query.where(messages.c.source == source)
