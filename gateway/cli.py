@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from datetime import datetime
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import typer
 from rich.console import Console
@@ -123,29 +125,39 @@ def status(message_id: Annotated[str, typer.Argument(help="The gateway's message
     print_ledger(ledger)
 
 
+STOCKHOLM = ZoneInfo("Europe/Stockholm")
+
+
+def _local(iso: str) -> str:
+    return datetime.fromisoformat(iso).astimezone(STOCKHOLM).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
 def print_ledger(ledger: dict[str, Any]) -> None:
+    """The ledger as a table: one row per recipient, one line per receipt, Stockholm time."""
     consent = ledger["consent"]
     console.print(
-        f"Message {ledger['id']}  event [bold]{ledger['event']}[/]  status [bold]"
-        f"{ledger['status']}[/]  consent {consent['decision'] or '-'}"
-        f" ({consent['reason'] or 'not decided yet'})",
+        f"Message {ledger['id']} (MSH-10 {ledger['control_id']})\n"
+        f"  event [bold]{ledger['event']}[/], status [bold]{ledger['status']}[/], "
+        f"consent {consent['decision'] or '-'}: {consent['reason'] or 'not decided yet'}",
         highlight=False,
     )
-    table = Table("Recipient", "Role", "Channel", "State", "Receipts (time, UTC)")
+    table = Table("Recipient", "Role", "Channel", "State", "Receipts (Europe/Stockholm)")
     for d in ledger["deliveries"]:
-        receipts = "\n".join(
-            f"{r['state']:<13} {r['at'][:23].replace('T', ' ')}"
-            + (f"  {r['by']['name']} ({r['by']['role']})" if r.get("by") else "")
-            + (f"  {r['detail']}" if r.get("detail") else "")
-            for r in d["receipts"]
-        )
-        role = d["role"] + (" (för kännedom)" if d["for_information"] else "")
+        lines = []
+        for r in d["receipts"]:
+            line = f"{r['state']:<13} {_local(r['at'])}"
+            if r.get("by"):
+                line += f"  {r['by']['name'] or '-'} ({r['by']['role']})"
+            if r["state"] in ("failed", "parked") and r.get("detail"):
+                line += f"  {r['detail']}"
+            lines.append(line)
+        role = d["role"] + ("\n(för kännedom)" if d["for_information"] else "")
         table.add_row(
             f"{d['recipient']['name']}\n{d['recipient']['hsa_id']}",
             role,
             d["channel"] or "-",
             d["state"],
-            receipts,
+            "\n".join(lines),
         )
     console.print(table)
 

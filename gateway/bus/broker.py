@@ -57,6 +57,7 @@ def spawn(port: int, log_path: Path, *, die_with_parent: bool = True) -> subproc
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent if die_with_parent else None,
+            start_new_session=True,  # Ctrl-C reaches the gateway, which stops the broker
         )
 
 

@@ -48,9 +48,9 @@ class CanonicalMessage:
     sender_hsa_id: str
     sender_name: str
     patient_ids: list[PatientId]
-    family: str = ""
-    given: str = ""
-    birth_date: str = ""
+    family: str = field(default="", repr=False)
+    given: str = field(default="", repr=False)
+    birth_date: str = field(default="", repr=False)
     gender: str = "unknown"
     protected_identity: bool = False
     encounter_id: str = ""
@@ -61,7 +61,7 @@ class CanonicalMessage:
     listed_clinic: CareParty | None = None
     care_parties: list[CareParty] = field(default_factory=list)
     consent: ConsentBasis | None = None
-    note: str = ""
+    note: str = field(default="", repr=False)
 
     @property
     def primary_id(self) -> PatientId:
@@ -191,11 +191,14 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
         "id": message_id,
         "type": "message",
         "timestamp": _iso(msg.occurred_at),
-        "entry": [
-            {"fullUrl": f"urn:uuid:{message_id}/{r['resourceType']}/{r['id']}", "resource": r}
-            for r in resources
-        ],
+        "entry": [{"fullUrl": _full_url(message_id, r), "resource": r} for r in resources],
     }
+
+
+def _full_url(message_id: str, resource: dict[str, Any]) -> str:
+    """A stable ``urn:uuid`` per resource of this message (the same Bundle renders the same)."""
+    name = f"{message_id}/{resource['resourceType']}/{resource['id']}"
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, name)}"
 
 
 def _consent(consent: ConsentBasis) -> dict[str, Any]:
