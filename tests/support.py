@@ -106,11 +106,17 @@ def drop_pg_database(url: str) -> None:
 
 
 class GatewayProcess:
-    """``python -m gateway run`` as a real process, as an operator would start it."""
+    """``python -m gateway run`` (or ``worker --stages …``) as a real process."""
 
     def __init__(
-        self, data_dir: Path, database_url: str, bootstrap: str | None, **extra_env: str
+        self,
+        data_dir: Path,
+        database_url: str,
+        bootstrap: str | None,
+        command: tuple[str, ...] = ("run",),
+        **extra_env: str,
     ) -> None:
+        self.command = command
         self.data_dir = data_dir
         self.http_port = free_port()
         self.mllp_port = free_port()
@@ -133,12 +139,16 @@ class GatewayProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def serves_http(self) -> bool:
+        return self.command == ("run",) or "api" in self.command[-1].split(",")
+
     def start(self, timeout: float = 60) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # stderr is the JSON log; stdout the banner for people.
         with self.log_path.open("ab") as log, (self.data_dir / "gateway.out").open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run"],
+                [sys.executable, "-m", "gateway", *self.command],
                 env=self.env,
                 stdout=out,
                 stderr=log,
@@ -148,13 +158,18 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited on start:\n{self.logs()[-3000:]}")
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if self._ready():
+                return
             time.sleep(0.1)
         raise TimeoutError(f"gateway not ready in {timeout}s:\n{self.logs()[-3000:]}")
+
+    def _ready(self) -> bool:
+        if not self.serves_http:  # a worker without HTTP says so in its log
+            return '"gateway.started"' in self.logs()
+        try:
+            return httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def kill(self) -> None:
         assert self.proc

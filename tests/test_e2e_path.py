@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from datetime import datetime
 
 import hl7
@@ -216,3 +217,32 @@ def test_enhanced_mode_gets_commit_ack(gateway: GatewayProcess) -> None:
     ack = send(gateway, b"\r".join([b"|".join(msh), *segments[1:]]))
     assert msa(ack)[1] == "CA" and msa(ack)[2] == "E2E-ENH"
     assert hl7.parse(ack.decode()).segment("MSA")[1][0] == "CA"
+
+
+def test_split_workers_share_the_work(tmp_path, database_url: str, broker) -> None:  # type: ignore[no-untyped-def]
+    """`brygga worker --stages`: intake and HTTP in one process, the pipeline in another."""
+    front = GatewayProcess(
+        tmp_path / "front",
+        database_url,
+        broker.bootstrap,
+        command=("worker", "--stages", "intake,relay,api"),
+    )
+    back = GatewayProcess(
+        tmp_path / "back",
+        database_url,
+        broker.bootstrap,
+        command=("worker", "--stages", "consent,route,deliver,receipts,relay"),
+    )
+    front.start()
+    # Processes of one gateway share its keys (patient HMAC, token signing).
+    shutil.copytree(front.data_dir / "keys", back.data_dir / "keys")
+    back.start()
+    try:
+        assert msa(send(front, admission("SPLIT-1", now_sthlm(), pnr=personnummer(7))))[1] == "AA"
+        notice = wait_for(lambda: next(iter(inbox(front)), None), what="notice via split workers")
+        assert notice["event"] == "inskrivningsmeddelande"
+        assert '"intake.accepted"' not in back.logs()  # the back end never saw the MLLP side
+        assert '"stage.started"' not in front.logs()
+    finally:
+        front.stop()
+        back.stop()

@@ -90,7 +90,7 @@ def _org(hsa_id: str, name: str) -> dict[str, Any]:
 
 
 def _org_id(hsa_id: str) -> str:
-    return "org-" + "".join(c if c.isalnum() else "-" for c in hsa_id).lower()
+    return "org-" + "".join(c if c.isascii() and c.isalnum() else "-" for c in hsa_id).lower()
 
 
 def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str, Any]:

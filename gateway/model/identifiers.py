@@ -35,8 +35,9 @@ OID_KINDS: dict[str, IdentifierKind] = {
 }
 HSA_OIDS = frozenset({"1.2.752.29.4.19", "1.2.752.129.2.1.4.1"})
 
-_PNR = re.compile(r"^(\d{8})[-+]?(\d{4})$")
-_HSA = re.compile(r"^SE\d{10}-[0-9A-Za-z]{1,31}$")
+# ASCII only: \d alone would also match other scripts' digits.
+_PNR = re.compile(r"^([0-9]{8})[-+]?([0-9]{4})$")
+_HSA = re.compile(r"^SE[0-9]{10}-[0-9A-Za-z]{1,31}$")
 _RESERV = re.compile(r"^[0-9A-Za-z-]{4,20}$")
 
 

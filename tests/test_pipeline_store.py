@@ -1,0 +1,179 @@
+"""Ledger, reconciler and poison-event parking against real databases, time set by the clock."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from aiokafka.structs import ConsumerRecord
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway import clock
+from gateway.bus import topics
+from gateway.bus.topics import Event
+from gateway.pipeline import ledger
+from gateway.pipeline.consent import accepted_event
+from gateway.pipeline.ledger import State
+from gateway.pipeline.reconciler import Reconciler
+from gateway.pipeline.stage import Stage, StageRunner
+from gateway.store.db import Database, migrate
+from gateway.store.tables import deliveries, messages, outbox, processed_events
+from tests.inprocess import HOME_CARE, KEYER, Pipeline, canonical
+
+
+class FixedClock:
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def now(self) -> datetime:
+        return self.at
+
+
+@pytest.fixture
+def fixed_clock() -> Iterator[FixedClock]:
+    original = clock.clock
+    clock.clock = fixed = FixedClock(datetime(2026, 11, 23, 8, 0, tzinfo=UTC))
+    try:
+        yield fixed
+    finally:
+        clock.clock = original
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    await migrate(database_url)
+    database = Database(database_url)
+    yield database
+    await database.close()
+
+
+async def _outbox_events(db: Database, topic: str) -> list[Event]:
+    async with db.read() as conn:
+        rows = (
+            (
+                await conn.execute(
+                    select(outbox.c.payload).where(outbox.c.topic == topic).order_by(outbox.c.id)
+                )
+            )
+            .scalars()
+            .all()
+        )
+    return [Event.from_json(r) for r in rows]
+
+
+async def test_ledger_records_each_state_once_and_never_moves_back(db: Database) -> None:
+    mid = await Pipeline(db).run(canonical(10), "L-1")
+    async with db.transaction() as conn:
+        did = (
+            await conn.execute(
+                select(deliveries.c.id).where(
+                    deliveries.c.message_id == mid, deliveries.c.recipient_hsa_id == HOME_CARE
+                )
+            )
+        ).scalar_one()
+        key = KEYER.key("x", "y")
+        assert await ledger.record(conn, did, mid, key, State.ACKNOWLEDGED)
+        assert not await ledger.record(conn, did, mid, key, State.ACKNOWLEDGED)
+        assert await ledger.record(conn, did, mid, key, State.READ)  # late, recorded, no regress
+        state = (
+            await conn.execute(select(deliveries.c.state).where(deliveries.c.id == did))
+        ).scalar_one()
+    assert state == "acknowledged"
+    receipts = [e for e in await _outbox_events(db, topics.RECEIPTS) if e.delivery_id == did]
+    assert [e.data["state"] for e in receipts] == [
+        "accepted",
+        "routed",
+        "delivered",
+        "acknowledged",
+        "read",
+    ]
+
+
+async def test_reconciler_republishes_only_what_has_stalled(
+    db: Database, fixed_clock: FixedClock
+) -> None:
+    pipeline = Pipeline(db)
+    stalled = await pipeline.intake.accept(
+        source="T|X", control_id="R-1", raw=b"r", message=canonical(11), answer=lambda m: b"a"
+    )
+    routed = await pipeline.run(canonical(12), "R-2")
+    async with db.transaction() as conn:  # one delivery of R-2 lost its Kafka event
+        await conn.execute(
+            update(deliveries)
+            .where(deliveries.c.message_id == routed, deliveries.c.recipient_hsa_id == HOME_CARE)
+            .values(state="routed")
+        )
+    reconciler = Reconciler(db, after_seconds=30, interval_seconds=1)
+    fixed_clock.at += timedelta(seconds=10)
+    assert await reconciler.reconcile_once() == 0  # too fresh
+
+    fixed_clock.at += timedelta(seconds=30)
+    assert await reconciler.reconcile_once() == 2
+    events = await _outbox_events(db, topics.EVENTS)
+    assert events[-1].id == f"message.accepted:{stalled.message_id}"  # same id: dedup works
+    deliveries_events = await _outbox_events(db, topics.DELIVERIES)
+    assert deliveries_events[-1].id.startswith("delivery.requested:")
+    assert deliveries_events[-1].message_id == routed
+    assert await reconciler.reconcile_once() == 0  # touched: not again at once
+
+
+class Exploding(Stage):
+    name = "exploding"
+    topic = topics.EVENTS
+    handles = frozenset({"message.accepted"})
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.calls = 0
+
+    async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
+        self.calls += 1
+        raise ValueError("cannot handle this one")
+
+    async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
+        await conn.execute(
+            update(messages).where(messages.c.id == event.message_id).values(status="parked")
+        )
+
+
+def _record(event: Event) -> ConsumerRecord:  # type: ignore[type-arg]
+    return ConsumerRecord(
+        topic=topics.EVENTS,
+        partition=0,
+        offset=0,
+        timestamp=0,
+        timestamp_type=0,
+        key=b"k",
+        value=event.to_json().encode(),
+        checksum=None,
+        serialized_key_size=1,
+        serialized_value_size=1,
+        headers=(),
+    )
+
+
+async def test_poison_event_is_parked_and_the_partition_moves_on(db: Database) -> None:
+    accepted = await Pipeline(db).intake.accept(
+        source="T|X", control_id="P-1", raw=b"r", message=canonical(13), answer=lambda m: b"a"
+    )
+    stage = Exploding(db)
+    runner = StageRunner(stage, "unused:0", fetch_wait_ms=10, max_attempts=3)
+    record = _record(accepted_event(accepted.message_id))
+    await runner._process(record)
+    assert stage.calls == 3
+    dead = await _outbox_events(db, topics.DEADLETTER)
+    assert [e.data["error"] for e in dead] == ["ValueError"]
+    assert "cannot handle" not in json.dumps(dead[0].data)  # class only, never the text
+    async with db.read() as conn:
+        status = (
+            await conn.execute(
+                select(messages.c.status).where(messages.c.id == accepted.message_id)
+            )
+        ).scalar_one()
+        claims = (await conn.execute(select(processed_events.c.event_id))).scalars().all()
+    assert status == "parked" and claims == [f"message.accepted:{accepted.message_id}"]
+    await runner._process(record)  # the same record again: already claimed, untouched
+    assert stage.calls == 3
