@@ -38,6 +38,7 @@ from gateway.store.db import Database, migrate
 from mappings import MAPPINGS_DIR
 
 log = structlog.get_logger("brygga.runtime")
+STOP_TIMEOUT = 8.0  # seconds any one shutdown step may take
 
 
 class _Server(uvicorn.Server):
@@ -82,7 +83,7 @@ class Gateway:
         if bootstrap is None:
             self.broker = EmbeddedBroker(s.data_dir, s.embedded_broker_port)
             await self.broker.start()
-            self._spawn(self.broker.supervise())
+            self._spawn(self.broker.supervise(), "broker")
             bootstrap = self.broker.bootstrap
         await kafka.ensure_topics(bootstrap)
         self.db = db = Database(s.db_url)
@@ -95,8 +96,8 @@ class Gateway:
             producer = kafka.producer(bootstrap)
             await producer.start()
             self._closers.append(producer.stop)
-            self._spawn(Relay(db, producer, s.relay_poll_seconds).run())
-            self._spawn(kafka.keep_topics(bootstrap))
+            self._spawn(Relay(db, producer, s.relay_poll_seconds).run(), "relay")
+            self._spawn(kafka.keep_topics(bootstrap), "keep_topics")
             self._started.add("relay")
         if "reconcile" in self.stages:
             self._spawn(
@@ -118,7 +119,7 @@ class Gateway:
                     max_attempts=s.max_attempts,
                 )
                 self.runners.append(runner)
-                self._spawn(runner.run())
+                self._spawn(runner.run(), f"stage:{name}")
                 self._started.add(name)
         if "intake" in self.stages:
             ctx = sources.SourceContext(s, Intake(db, keyer))
@@ -137,7 +138,7 @@ class Gateway:
                 lifespan="off",
             )
             self._server = server = _Server(config)
-            self._server_task = self._spawn(server.serve())
+            self._server_task = self._spawn(server.serve(), "http")
             while not server.started:
                 await asyncio.sleep(0.02)
             self._started.add("api")
@@ -150,8 +151,8 @@ class Gateway:
             embedded_broker=self.broker is not None,
         )
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str = "") -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name or None)
         task.add_done_callback(self._on_task_done)
         self._tasks.append(task)
         return task
@@ -162,16 +163,20 @@ class Gateway:
 
     async def stop(self) -> None:
         for source in self.sources:
-            await source.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(source.stop(), STOP_TIMEOUT)
         if self._server is not None:  # let in-flight HTTP requests finish
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._server_task), 5)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        _, pending = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
+        if pending:
+            log.warning("gateway.stop_incomplete", tasks=sorted(t.get_name() for t in pending))
         for close in self._closers:
-            await close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(close(), STOP_TIMEOUT)
         if self.db:
             await self.db.close()
         if self.broker:

@@ -180,7 +180,7 @@ class GatewayProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                return self.proc.wait(20)
+                return self.proc.wait(40)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

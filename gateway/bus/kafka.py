@@ -43,6 +43,10 @@ def consumer(bootstrap: str, topic: str, group: str, fetch_wait_ms: int) -> AIOK
         # every stage is idempotent.
         session_timeout_ms=3000,
         heartbeat_interval_ms=750,
+        # A join waits at most this long for the group's other members (default: 5 min),
+        # which also bounds how long leaving the group can hold up a shutdown.
+        rebalance_timeout_ms=6000,
+        request_timeout_ms=10000,
         retry_backoff_ms=200,
         # Notice soon when topics reappear after a broker lost them (memory storage).
         metadata_max_age_ms=3000,

@@ -9,10 +9,12 @@ the event id.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from sqlalchemy import select, update
+from sqlalchemy import Row, Select, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import clock
@@ -46,6 +48,7 @@ class Relay:
 
     async def run(self) -> None:
         while True:
+            self._wake.clear()
             try:
                 sent = await self.publish_once()
             except asyncio.CancelledError:
@@ -55,35 +58,52 @@ class Relay:
                 await asyncio.sleep(1.0)
                 continue
             if sent < BATCH:
-                self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
                 except TimeoutError:
                     pass
 
     async def publish_once(self) -> int:
-        """Publish one batch in id order; mark it published only once the broker has it."""
-        async with self.db.transaction() as conn:
-            query = (
-                select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload)
-                .where(outbox.c.published_at.is_(None))
-                .order_by(outbox.c.id)
-                .limit(BATCH)
-            )
-            if not self.db.is_sqlite:
-                query = query.with_for_update()  # one relay at a time keeps per-key order
-            rows = (await conn.execute(query)).all()
-            if not rows:
-                return 0
-            futures = [
-                await self.producer.send(r.topic, r.payload.encode(), key=r.key.encode())
-                for r in rows
-            ]
-            await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
-            await conn.execute(
-                update(outbox)
-                .where(outbox.c.id.in_([r.id for r in rows]))
-                .values(published_at=clock.now())
-            )
+        """Publish one batch in id order; mark it published only once the broker has it.
+
+        PostgreSQL: the rows stay locked (FOR UPDATE) while they are sent, so a second relay
+        waits and per-key order holds; inserts by intake are not blocked by row locks.
+        SQLite: its one write lock must not be held while waiting for the broker (intake
+        would stall), so read, send, then mark; a crash in between only resends.
+        """
+        if self.db.is_sqlite:
+            async with self.db.read() as conn:
+                rows = (await conn.execute(_pending())).all()
+            if rows:
+                await self._send(rows)
+                async with self.db.transaction() as conn:
+                    await _mark(conn, rows)
+        else:
+            async with self.db.transaction() as conn:
+                rows = (await conn.execute(_pending().with_for_update())).all()
+                if rows:
+                    await self._send(rows)
+                    await _mark(conn, rows)
         self.published += len(rows)
         return len(rows)
+
+    async def _send(self, rows: Sequence[Row[Any]]) -> None:
+        futures = [
+            await self.producer.send(r.topic, r.payload.encode(), key=r.key.encode()) for r in rows
+        ]
+        await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
+
+
+def _pending() -> Select[Any]:
+    return (
+        select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload)
+        .where(outbox.c.published_at.is_(None))
+        .order_by(outbox.c.id)
+        .limit(BATCH)
+    )
+
+
+async def _mark(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> None:
+    await conn.execute(
+        update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(published_at=clock.now())
+    )

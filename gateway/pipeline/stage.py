@@ -11,6 +11,7 @@ retries the same record rather than skip it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -28,6 +29,7 @@ from gateway.store.sql import insert_ignore
 from gateway.store.tables import processed_events
 
 log = structlog.get_logger("brygga.stage")
+STOP_TIMEOUT = 5.0
 
 
 class Stage(ABC):
@@ -92,7 +94,9 @@ class StageRunner:
                         log.info("stage.commit_skipped", stage=self.stage.name, **error_fields(exc))
         finally:
             self.ready.clear()
-            await consumer.stop()
+            # Leaving the group can wait for a broker mid-rebalance; never hold up shutdown.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), STOP_TIMEOUT)
 
     async def _process(self, record: ConsumerRecord) -> None:
         key = record.key.decode() if record.key else ""
