@@ -8,9 +8,11 @@ from datetime import datetime
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import logs
 from gateway.settings import ALL_STAGES, Settings
@@ -99,7 +101,11 @@ def token(
     from gateway.api.auth import TokenKeys
 
     try:
-        print(TokenKeys.from_dir(Settings().keys_dir).issue(org, role, name, hours))
+        keys = TokenKeys.from_dir(Settings().keys_dir, create=False)
+        print(keys.issue(org, role, name, hours))
+    except FileNotFoundError as exc:
+        console.print(str(exc))
+        raise typer.Exit(2) from None
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -118,7 +124,14 @@ def status(message_id: Annotated[str, typer.Argument(help="The gateway's message
         finally:
             await db.close()
 
-    ledger = asyncio.run(fetch())
+    try:
+        ledger = asyncio.run(fetch())
+    except SQLAlchemyError as exc:  # never print the SQL: its parameters may hold patient data
+        console.print(
+            f"Cannot read the ledger ({type(exc).__name__}). Is the database there and migrated? "
+            "Run this where the gateway runs, or set BRYGGA_DATA_DIR / BRYGGA_DATABASE_URL."
+        )
+        raise typer.Exit(2) from None
     if ledger is None:
         console.print(f"No message with id {message_id}.")
         raise typer.Exit(1)
@@ -170,7 +183,11 @@ def demo(
     """Play an admission through a running gateway and print its receipt ledger."""
     from gateway.demo import play
 
-    ledger = asyncio.run(play(Settings(), host, timeout, console.print))
+    try:
+        ledger = asyncio.run(play(Settings(), host, timeout, console.print))
+    except (FileNotFoundError, OSError, TimeoutError, RuntimeError, httpx.HTTPError) as exc:
+        console.print(f"The demo stopped: {exc or type(exc).__name__}")
+        raise typer.Exit(1) from None
     print_ledger(ledger)
 
 

@@ -87,7 +87,7 @@ async def _until(step: str, timeout: float, probe: Callable[[], Any]) -> Any:
 async def play(
     settings: Settings, host: str, timeout: float, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    keys = TokenKeys.from_dir(settings.keys_dir)
+    keys = TokenKeys.from_dir(settings.keys_dir, create=False)
     staff = {"Authorization": "Bearer " + keys.issue(HOME_CARE, "staff", "Anna Svensson")}
     ops = {"Authorization": "Bearer " + keys.issue(OPS, "ops", "Driftövervakning")}
     control_id = f"DEMO{int(time.time() * 1000)}"

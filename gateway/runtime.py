@@ -87,7 +87,7 @@ class Gateway:
             bootstrap = self.broker.bootstrap
         await kafka.ensure_topics(bootstrap)
         self.db = db = Database(s.db_url)
-        keyer = PatientKeyer.from_file(s.keys_dir / "patient-hmac.key")
+        session_ms = s.consumer_session_timeout_ms or (3000 if self.broker else 10000)
         channels = ChannelRegistry.discover()
         directory = Directory.load(directory_path(s))
         rules = RoutingRules.load(s.routing_file or MAPPINGS_DIR / "routing" / "lus.toml")
@@ -101,7 +101,10 @@ class Gateway:
             self._started.add("relay")
         if "reconcile" in self.stages:
             self._spawn(
-                Reconciler(db, s.reconcile_after_seconds, s.reconcile_interval_seconds).run()
+                Reconciler(
+                    db, s.reconcile_after_seconds, s.reconcile_interval_seconds, s.retention_days
+                ).run(),
+                "reconcile",
             )
             self._started.add("reconcile")
         stage_objects = {
@@ -117,11 +120,13 @@ class Gateway:
                     bootstrap,
                     fetch_wait_ms=s.consumer_fetch_wait_ms,
                     max_attempts=s.max_attempts,
+                    session_timeout_ms=session_ms,
                 )
                 self.runners.append(runner)
                 self._spawn(runner.run(), f"stage:{name}")
                 self._started.add(name)
         if "intake" in self.stages:
+            keyer = PatientKeyer.from_file(s.keys_dir / "patient-hmac.key")
             ctx = sources.SourceContext(s, Intake(db, keyer))
             for source in sources.discover():
                 await source.start(ctx)

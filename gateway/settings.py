@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     directory_file: Path | None = Field(
         None, description="Directory of recipients (TOML); default: the bundled demo directory."
     )
-    routing_file: Path | None = Field(None, description="Routing rules; default: mappings/routing.")
+    routing_file: Path | None = Field(
+        None, description="Routing rules (TOML); default: mappings/routing/lus.toml."
+    )
     source_system: str = Field(
         "", description="Overrides the sender identity taken from MSH-3/MSH-4 (tests, proxies)."
     )
@@ -55,6 +57,14 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = 5.0
     relay_poll_seconds: float = 0.2
     consumer_fetch_wait_ms: int = 20
+    consumer_session_timeout_ms: int | None = Field(
+        None,
+        description="Kafka consumer session; default 3000 on the embedded broker (it answers a "
+        "join after half of it), 10000 on Kafka (whose minimum is 6000 by default).",
+    )
+    retention_days: float = Field(
+        7.0, description="Keep published outbox rows and processed-event keys this long."
+    )
     max_attempts: int = Field(3, description="Handler attempts before an event is parked.")
     log_level: str = "info"
 

@@ -129,6 +129,8 @@ class GatewayProcess:
             "BRYGGA_MLLP_PORT": str(self.mllp_port),
             "BRYGGA_RECONCILE_AFTER_SECONDS": "3",
             "BRYGGA_RECONCILE_INTERVAL_SECONDS": "0.5",
+            # The test broker is Tansu, which answers a group join after half the session.
+            "BRYGGA_CONSUMER_SESSION_TIMEOUT_MS": "3000",
             **extra_env,
         }
         if bootstrap:

@@ -117,6 +117,8 @@ def test_admission_reaches_home_care_and_ledger_moves_through_every_state(
     )
     assert again.json()["already_acknowledged"] is True
 
+    elsewhere = gateway.cli("token", "--org", HOME_CARE)
+    assert elsewhere.returncode == 0 and elsewhere.stdout.count(".") == 2  # a JWT
     status = gateway.cli("status", message_id)
     assert status.returncode == 0, status.stderr
     for state in STATES:
@@ -217,6 +219,10 @@ def test_enhanced_mode_gets_commit_ack(gateway: GatewayProcess) -> None:
     ack = send(gateway, b"\r".join([b"|".join(msh), *segments[1:]]))
     assert msa(ack)[1] == "CA" and msa(ack)[2] == "E2E-ENH"
     assert hl7.parse(ack.decode()).segment("MSA")[1][0] == "CA"
+    # A rejection in enhanced mode is a commit-level reject (CR), still naming the field.
+    msh[9], msh[11] = b"E2E-ENH-BAD", b"2.9"
+    nack = send(gateway, b"\r".join([b"|".join(msh), *segments[1:]]))
+    assert msa(nack)[1] == "CR" and err(nack)[2].startswith("MSH^1^12")
 
 
 def test_split_workers_share_the_work(tmp_path, database_url: str, broker) -> None:  # type: ignore[no-untyped-def]

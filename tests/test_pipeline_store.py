@@ -120,6 +120,24 @@ async def test_reconciler_republishes_only_what_has_stalled(
     assert await reconciler.reconcile_once() == 0  # touched: not again at once
 
 
+async def test_purge_keeps_what_is_recent_or_unpublished(
+    db: Database, fixed_clock: FixedClock
+) -> None:
+    await Pipeline(db).run(canonical(14), "PU-1")
+    async with db.transaction() as conn:  # pretend the relay published everything
+        await conn.execute(update(outbox).values(published_at=clock.now()))
+    await Pipeline(db).intake.accept(
+        source="T|X", control_id="PU-2", raw=b"r", message=canonical(15), answer=lambda m: b"a"
+    )
+    reconciler = Reconciler(db, after_seconds=30, interval_seconds=1, retention_days=7)
+    assert await reconciler.purge_once() == 0
+    fixed_clock.at += timedelta(days=8)
+    assert await reconciler.purge_once() > 0
+    async with db.read() as conn:
+        left = (await conn.execute(select(outbox.c.published_at))).scalars().all()
+    assert left == [None]  # the unpublished row of PU-2 is never purged
+
+
 class Exploding(Stage):
     name = "exploding"
     topic = topics.EVENTS

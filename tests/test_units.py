@@ -173,3 +173,25 @@ def test_lus_code_system_is_valid_fhir() -> None:
     cs = CodeSystem.model_validate(code_system())
     assert {c.code for c in cs.concept} == {e.value for e in LusEvent}
     assert isinstance(parse_identity_number("191212121212"), PatientId)
+
+
+def test_cli_tools_refuse_a_directory_without_the_gateway(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BRYGGA_DATA_DIR": str(tmp_path / "nowhere")}
+    env.pop("BRYGGA_DATABASE_URL", None)
+    token = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "--org", "SE5566778899-HT01"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert token.returncode == 2 and "no token signing key" in token.stdout
+    assert not (tmp_path / "nowhere" / "keys").exists()  # nothing created by mistake
+    status = subprocess.run(
+        [sys.executable, "-m", "gateway", "status", "x"], env=env, capture_output=True, text=True
+    )
+    assert status.returncode == 2 and "Cannot read the ledger" in status.stdout
+    assert "SELECT" not in status.stdout + status.stderr

@@ -739,7 +739,7 @@ def _consent(m: _Msg, mapping: TakeCareMapping) -> ConsentBasis | None:
 def _map(
     m: _Msg, header: MshHeader, sent_at: str, event: LusEvent, mapping: TakeCareMapping
 ) -> CanonicalMessage:
-    """ADT -> canonical message; see mappings/takecare/README.md for the field table."""
+    """ADT -> canonical message; see docs/mapping-guide.md for the field table."""
     pid, pv1 = m.first("PID"), m.first("PV1")
     if pid is None:
         raise _ae("PID", None, 100, "PID segment is required")

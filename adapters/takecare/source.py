@@ -14,7 +14,7 @@ import structlog
 
 from adapters.takecare import mllp
 from adapters.takecare.ack import build_ack
-from adapters.takecare.hl7in import Hl7Rejection, Inbound, parse
+from adapters.takecare.hl7in import Hl7Rejection, MshHeader, parse
 from gateway.logs import error_fields
 from gateway.pipeline.intake import Intake
 from gateway.sources import SourceContext
@@ -23,9 +23,9 @@ log = structlog.get_logger("brygga.takecare")
 SYSTEM_ERROR = "Message could not be stored; nothing was kept. Resend it."
 
 
-def _enhanced(inbound: Inbound) -> bool:
+def _enhanced(header: MshHeader) -> bool:
     """Enhanced acknowledgement mode: the sender asked for accept ACKs in MSH-15."""
-    return inbound.accept_ack_type in ("AL", "SU", "ER")
+    return header.accept_ack_type in ("AL", "SU", "ER")
 
 
 class TakeCareSource:
@@ -52,16 +52,20 @@ class TakeCareSource:
         try:
             inbound = parse(raw)
         except Hl7Rejection as rejection:
+            # Enhanced mode answers at the accept level: AR/AE become CR/CE.
+            code = rejection.ack_code
+            if _enhanced(rejection.header):
+                code = {"AR": "CR", "AE": "CE"}.get(code, code)
             log.info(
                 "takecare.rejected",
-                ack=rejection.ack_code,
+                ack=code,
                 segment=rejection.segment,
                 field=rejection.field,
                 code=rejection.hl7_error_code,
             )
             return build_ack(
                 rejection,
-                rejection.ack_code,
+                code,
                 ack_control_id=str(uuid.uuid4()),
                 error=rejection,
                 text=rejection.text,

@@ -38,8 +38,14 @@ class TokenKeys:
         self._public = private_key.public_key()
 
     @classmethod
-    def from_dir(cls, keys_dir: Path) -> TokenKeys:
+    def from_dir(cls, keys_dir: Path, *, create: bool = True) -> TokenKeys:
+        """Load the signing key; the gateway creates it on first start, tools must not."""
         path = keys_dir / "token-ed25519.pem"
+        if not path.exists() and not create:
+            raise FileNotFoundError(
+                f"no token signing key at {path}: run this where the gateway runs, or set "
+                "BRYGGA_DATA_DIR to the gateway's data directory"
+            )
         if not path.exists():
             keys_dir.mkdir(parents=True, exist_ok=True)
             pem = Ed25519PrivateKey.generate().private_bytes(

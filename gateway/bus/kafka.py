@@ -29,7 +29,9 @@ def producer(bootstrap: str) -> AIOKafkaProducer:
     )
 
 
-def consumer(bootstrap: str, topic: str, group: str, fetch_wait_ms: int) -> AIOKafkaConsumer:
+def consumer(
+    bootstrap: str, topic: str, group: str, fetch_wait_ms: int, session_timeout_ms: int
+) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -38,15 +40,15 @@ def consumer(bootstrap: str, topic: str, group: str, fetch_wait_ms: int) -> AIOK
         auto_offset_reset="earliest",
         fetch_max_wait_ms=fetch_wait_ms,
         max_poll_records=200,
-        # Tansu answers a group join after half the session timeout; 3 s keeps start-up and
-        # rebalances near 1.5 s. A member that stalls longer is replaced: harmless, because
-        # every stage is idempotent.
-        session_timeout_ms=3000,
-        heartbeat_interval_ms=750,
-        # A join waits at most this long for the group's other members (default: 5 min),
-        # which also bounds how long leaving the group can hold up a shutdown.
-        rebalance_timeout_ms=6000,
-        request_timeout_ms=10000,
+        # Tansu answers a group join after half the session timeout, so the embedded mode
+        # uses a short one; a member that stalls longer is replaced, which is harmless
+        # because every stage is idempotent. A join waits at most the rebalance timeout for
+        # the other members (aiokafka's default is 5 minutes), which also bounds how long
+        # leaving the group can hold up a shutdown.
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=session_timeout_ms // 4,
+        rebalance_timeout_ms=session_timeout_ms * 2,
+        request_timeout_ms=max(10000, session_timeout_ms * 3),
         retry_backoff_ms=200,
         # Notice soon when topics reappear after a broker lost them (memory storage).
         metadata_max_age_ms=3000,

@@ -12,7 +12,7 @@ import asyncio
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import clock
@@ -25,15 +25,22 @@ from gateway.pipeline.ledger import State
 from gateway.pipeline.receipts import TERMINAL
 from gateway.pipeline.routing import delivery_event
 from gateway.store.db import Database
-from gateway.store.tables import deliveries, messages
+from gateway.store.tables import deliveries, messages, outbox, processed_events
 
 log = structlog.get_logger("brygga.reconciler")
 LIMIT = 1000
 
 
 class Reconciler:
-    def __init__(self, db: Database, after_seconds: float, interval_seconds: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        after_seconds: float,
+        interval_seconds: float,
+        retention_days: float = 7.0,
+    ) -> None:
         self.db = db
+        self.retention = timedelta(days=retention_days)
         self.after = timedelta(seconds=after_seconds)
         self.interval = interval_seconds
         self.republished = 0
@@ -50,6 +57,15 @@ class Reconciler:
                 continue
             if count:
                 log.info("reconciler.republished", count=count)
+            try:
+                purged = await self.purge_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reconciler.purge_failed", **error_fields(exc))
+                continue
+            if purged:
+                log.info("reconciler.purged", rows=purged)
 
     async def reconcile_once(self) -> int:
         now = clock.now()
@@ -81,6 +97,24 @@ class Reconciler:
             count += len(rows)
         self.republished += count
         return count
+
+    async def purge_once(self) -> int:
+        """Delete published outbox rows and processed-event keys past retention.
+
+        A processed-event key only guards against a redelivery; handlers also check state, so
+        an event replayed after its key is gone still changes nothing.
+        """
+        cutoff = clock.now() - self.retention
+        async with self.db.transaction() as conn:
+            done = await conn.execute(
+                delete(outbox).where(
+                    outbox.c.published_at.is_not(None), outbox.c.published_at < cutoff
+                )
+            )
+            keys = await conn.execute(
+                delete(processed_events).where(processed_events.c.processed_at < cutoff)
+            )
+        return int(done.rowcount or 0) + int(keys.rowcount or 0)
 
     async def _messages(
         self, conn: AsyncConnection, status: str, cutoff, now, make_event, settle: bool = False

@@ -54,8 +54,15 @@ class Stage(ABC):
 
 class StageRunner:
     def __init__(
-        self, stage: Stage, bootstrap: str, *, fetch_wait_ms: int, max_attempts: int
+        self,
+        stage: Stage,
+        bootstrap: str,
+        *,
+        fetch_wait_ms: int,
+        max_attempts: int,
+        session_timeout_ms: int = 10000,
     ) -> None:
+        self.session_timeout_ms = session_timeout_ms
         self.stage = stage
         self.bootstrap = bootstrap
         self.fetch_wait_ms = fetch_wait_ms
@@ -76,7 +83,11 @@ class StageRunner:
 
     async def _consume(self) -> None:
         consumer = kafka.consumer(
-            self.bootstrap, self.stage.topic, f"brygga.{self.stage.name}", self.fetch_wait_ms
+            self.bootstrap,
+            self.stage.topic,
+            f"brygga.{self.stage.name}",
+            self.fetch_wait_ms,
+            self.session_timeout_ms,
         )
         await consumer.start()
         self.ready.set()

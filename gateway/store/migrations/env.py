@@ -13,7 +13,13 @@ from gateway.store.tables import metadata
 config = context.config
 
 
+MIGRATION_LOCK = 7_264_003  # any constant; shared by every Brygga process
+
+
 def _run(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        # Processes starting together on an empty database migrate one at a time.
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
     context.configure(
         connection=connection,
         target_metadata=metadata,
