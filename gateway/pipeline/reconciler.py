@@ -48,24 +48,19 @@ class Reconciler:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            try:
-                count = await self.reconcile_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("reconciler.retry", **error_fields(exc))
-                continue
-            if count:
-                log.info("reconciler.republished", count=count)
-            try:
-                purged = await self.purge_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("reconciler.purge_failed", **error_fields(exc))
-                continue
-            if purged:
-                log.info("reconciler.purged", rows=purged)
+            for step, event in (
+                (self.reconcile_once, "reconciler.republished"),
+                (self.purge_once, "reconciler.purged"),
+            ):
+                try:
+                    count = await step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the database is away: try again next round
+                    log.warning("reconciler.retry", step=step.__name__, **error_fields(exc))
+                    continue
+                if count:
+                    log.info(event, rows=count)
 
     async def reconcile_once(self) -> int:
         now = clock.now()
