@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from datetime import datetime
+from importlib.metadata import entry_points
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
@@ -190,6 +191,15 @@ def demo(
         raise typer.Exit(1) from None
     print_ledger(ledger)
 
+
+def _plug_in_commands() -> None:
+    """Adapters add commands (``bench``, ``mappings``) through the ``brygga.commands`` entry
+    point group: each names a Typer app, added under the entry point's name."""
+    for ep in entry_points(group="brygga.commands"):
+        app.add_typer(ep.load(), name=ep.name)
+
+
+_plug_in_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     app()
