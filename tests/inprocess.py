@@ -37,11 +37,15 @@ def canonical(
     consent: str | None = "samtycke",
     protected: bool = False,
     family: str = "Tolvansson",
+    event: LusEvent = LusEvent.INSKRIVNINGSMEDDELANDE,
+    encounter_id: str = "",
+    parties: list[CareParty] | None = None,
 ) -> CanonicalMessage:
     at = datetime(2026, 11, 23, 9, 30, tzinfo=STOCKHOLM)
     return CanonicalMessage(
-        event=LusEvent.INSKRIVNINGSMEDDELANDE,
+        event=event,
         occurred_at=at,
+        encounter_id=encounter_id,
         sender_hsa_id=HOSPITAL,
         sender_name="Södersjukhuset",
         patient_ids=[parse_identity_number(personnummer(n))],
@@ -50,7 +54,9 @@ def canonical(
         protected_identity=protected,
         admitted_at=at,
         listed_clinic=CareParty("listed-clinic", "SE2321000016-V010", "VC"),
-        care_parties=[
+        care_parties=parties
+        if parties is not None
+        else [
             CareParty("hemtjanst", HOME_CARE, "HT"),
             CareParty("rehab", "SE9999999999-NONE", "Okänd rehab"),
         ],

@@ -20,6 +20,8 @@ from gateway.pipeline.ledger import VISIBLE_IN_INBOX, Actor, State
 from gateway.store.tables import deliveries, messages, receipt_events
 
 PROTECTED = "Skyddad identitet"
+RETRACTED = "Makulerat av avsändaren"
+SUPERSEDED = "Ersatt av en nyare version"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,8 @@ def _visible(org: str):  # type: ignore[no-untyped-def]
             deliveries.c.for_information,
             deliveries.c.role,
             deliveries.c.updated_at,
+            deliveries.c.superseded_by,
+            deliveries.c.retracted_by,
             messages.c.canonical,
             messages.c.patient_key,
             messages.c.received_at,
@@ -71,6 +75,10 @@ def _summary(row: Any, bundle: dict[str, Any], *, in_list: bool) -> dict[str, An
         },
         "received_at": row.received_at.isoformat(),
         "state": row.state,
+        # A later message of the same stay: a newer version, or a cancellation (makulering).
+        "superseded_by": row.superseded_by,
+        "retracted_by": row.retracted_by,
+        "notice": RETRACTED if row.retracted_by else SUPERSEDED if row.superseded_by else "",
     }
 
 

@@ -57,6 +57,12 @@ class Intake:
         message_id = str(uuid.uuid4())
         pid = message.primary_id
         patient_key = self.keyer.key(pid.system, pid.value)
+        # Versions and cancellations of one stay are linked by the sender's visit number.
+        episode_key = (
+            self.keyer.key("episode", f"{message.sender_hsa_id}|{message.encounter_id}")
+            if message.encounter_id
+            else None
+        )
         reply = answer(message_id)
         now = clock.now()
         try:
@@ -68,6 +74,7 @@ class Intake:
                         control_id=control_id,
                         event=message.event.value,
                         patient_key=patient_key,
+                        episode_key=episode_key,
                         raw=raw,
                         canonical=json.dumps(to_bundle(message, message_id), ensure_ascii=False),
                         ack=reply,

@@ -12,6 +12,7 @@ import json
 import tomllib
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -22,7 +23,7 @@ from gateway.bus import topics
 from gateway.bus.outbox import enqueue
 from gateway.bus.topics import Event
 from gateway.directory import Directory
-from gateway.model.bundle import read_bundle
+from gateway.model.bundle import BundleView, read_bundle
 from gateway.model.events import LusEvent
 from gateway.pipeline import ledger
 from gateway.pipeline.channels import ChannelRegistry
@@ -61,6 +62,14 @@ class RoutingRules:
         return cls(rules)
 
 
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    hsa_id: str
+    name: str
+    role: str
+    for_information: bool
+
+
 def delivery_event(message_id: str, delivery_id: str) -> Event:
     return Event(
         id=f"delivery.requested:{delivery_id}",
@@ -86,62 +95,134 @@ class RouteStage(Stage):
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         row = (
             await conn.execute(
-                select(messages.c.status, messages.c.canonical, messages.c.received_at).where(
-                    messages.c.id == event.message_id
-                )
+                select(
+                    messages.c.status,
+                    messages.c.canonical,
+                    messages.c.received_at,
+                    messages.c.episode_key,
+                ).where(messages.c.id == event.message_id)
             )
         ).one()
         if row.status != "permitted":
             return
         view = read_bundle(json.loads(row.canonical))
-        rule = self.rules.rule(view.event)
+        recipients = self._by_rule(view)
+        if row.episode_key:
+            recipients = await self._with_episode(
+                conn, event.message_id, row.episode_key, view.event, recipients
+            )
         now = clock.now()
-        seen: set[str] = set()
-        for party in view.parties:
-            if party.hsa_id in seen or party.hsa_id == view.sender_hsa_id:
-                continue
-            if party.role not in rule.receivers and party.role not in rule.for_information:
-                continue
-            seen.add(party.hsa_id)
-            org = self.directory.get(party.hsa_id)
-            channel = self.channels.best(org.channels) if org else None
-            delivery_id = str(uuid.uuid4())
-            await conn.execute(
-                deliveries.insert().values(
-                    id=delivery_id,
-                    message_id=event.message_id,
-                    recipient_hsa_id=party.hsa_id,
-                    recipient_name=org.name if org else party.name or party.hsa_id,
-                    role=party.role,
-                    for_information=party.role not in rule.receivers,
-                    channel=channel,
-                    state=State.ACCEPTED.value,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-            await ledger.record(
-                conn, delivery_id, event.message_id, key, State.ACCEPTED, at=row.received_at
-            )
-            if channel is None:
-                reason = (
-                    "Mottagaren finns inte i katalogen"
-                    if org is None
-                    else "Mottagaren saknar en kanal som gatewayen kan leverera till"
-                )
-                await ledger.record(
-                    conn, delivery_id, event.message_id, key, State.FAILED, detail=reason, at=now
-                )
-                continue
-            await ledger.record(conn, delivery_id, event.message_id, key, State.ROUTED, at=now)
-            await enqueue(
-                conn, topics.DELIVERIES, key, delivery_event(event.message_id, delivery_id)
-            )
+        for recipient in recipients.values():
+            await self._deliver_to(conn, event.message_id, key, recipient, row.received_at, now)
         await conn.execute(
             update(messages)
             .where(messages.c.id == event.message_id)
-            .values(status="routed" if seen else "unroutable", updated_at=now)
+            .values(status="routed" if recipients else "unroutable", updated_at=now)
         )
+
+    def _by_rule(self, view: BundleView) -> dict[str, Recipient]:
+        """The parties the message names whose role the rules select for this event."""
+        rule = self.rules.rule(view.event)
+        chosen: dict[str, Recipient] = {}
+        for party in view.parties:
+            if party.hsa_id in chosen or party.hsa_id == view.sender_hsa_id:
+                continue
+            if party.role in rule.receivers or party.role in rule.for_information:
+                chosen[party.hsa_id] = Recipient(
+                    party.hsa_id, party.name, party.role, party.role not in rule.receivers
+                )
+        return chosen
+
+    async def _with_episode(
+        self,
+        conn: AsyncConnection,
+        message_id: str,
+        episode_key: str,
+        event: LusEvent,
+        recipients: dict[str, Recipient],
+    ) -> dict[str, Recipient]:
+        """Link the message to its care episode.
+
+        A newer version of an event reaches everyone who had an earlier one, and the earlier
+        notices are marked superseded. A cancellation goes to those who received what it
+        retracts (or, if nobody did, to whom the rules say) and marks those notices retracted.
+        """
+        earlier_event = event.retracts or event
+        earlier = (
+            await conn.execute(
+                select(
+                    deliveries.c.id,
+                    deliveries.c.recipient_hsa_id,
+                    deliveries.c.recipient_name,
+                    deliveries.c.role,
+                    deliveries.c.for_information,
+                )
+                .join(messages, messages.c.id == deliveries.c.message_id)
+                .where(
+                    messages.c.episode_key == episode_key,
+                    messages.c.event == earlier_event.value,
+                    messages.c.id != message_id,
+                    deliveries.c.state != State.FAILED.value,
+                    deliveries.c.retracted_by.is_(None),
+                )
+                .order_by(deliveries.c.created_at)
+            )
+        ).all()
+        if not earlier:
+            return recipients
+        marker = "retracted_by" if event.retracts else "superseded_by"
+        await conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_([d.id for d in earlier]), deliveries.c[marker].is_(None))
+            .values({marker: message_id})
+        )
+        merged = {} if event.retracts else dict(recipients)
+        for d in earlier:
+            merged.setdefault(
+                d.recipient_hsa_id,
+                Recipient(d.recipient_hsa_id, d.recipient_name, d.role, d.for_information),
+            )
+        return merged
+
+    async def _deliver_to(
+        self,
+        conn: AsyncConnection,
+        message_id: str,
+        key: str,
+        recipient: Recipient,
+        received_at: datetime,
+        now: datetime,
+    ) -> None:
+        org = self.directory.get(recipient.hsa_id)
+        channel = self.channels.best(org.channels) if org else None
+        delivery_id = str(uuid.uuid4())
+        await conn.execute(
+            deliveries.insert().values(
+                id=delivery_id,
+                message_id=message_id,
+                recipient_hsa_id=recipient.hsa_id,
+                recipient_name=org.name if org else recipient.name or recipient.hsa_id,
+                role=recipient.role,
+                for_information=recipient.for_information,
+                channel=channel,
+                state=State.ACCEPTED.value,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        await ledger.record(conn, delivery_id, message_id, key, State.ACCEPTED, at=received_at)
+        if channel is None:
+            reason = (
+                "Mottagaren finns inte i katalogen"
+                if org is None
+                else "Mottagaren saknar en kanal som gatewayen kan leverera till"
+            )
+            await ledger.record(
+                conn, delivery_id, message_id, key, State.FAILED, detail=reason, at=now
+            )
+            return
+        await ledger.record(conn, delivery_id, message_id, key, State.ROUTED, at=now)
+        await enqueue(conn, topics.DELIVERIES, key, delivery_event(message_id, delivery_id))
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
         await park_message(conn, event.message_id)

@@ -68,6 +68,8 @@ async def message_ledger(conn: AsyncConnection, message_id: str) -> dict[str, An
                 "for_information": r.for_information,
                 "channel": r.channel,
                 "state": r.state,
+                "superseded_by": r.superseded_by,
+                "retracted_by": r.retracted_by,
                 "receipts": [],
             },
         )

@@ -62,6 +62,7 @@ messages = Table(
     Column("control_id", String(200), nullable=False, comment="MSH-10 or Bundle id"),
     Column("event", String(40), nullable=False),
     Column("patient_key", String(64), nullable=False, comment="HMAC of the patient identity"),
+    Column("episode_key", String(64), nullable=True, comment="HMAC of sender and visit number"),
     Column("raw", LargeBinary, nullable=False),
     Column("canonical", Text, nullable=False, comment="FHIR message Bundle, JSON"),
     Column("ack", LargeBinary, nullable=True, comment="the answer given; replayed for duplicates"),
@@ -73,6 +74,7 @@ messages = Table(
     UniqueConstraint("source", "control_id"),
     Index(None, "status", "updated_at"),
     Index(None, "patient_key"),
+    Index(None, "episode_key", "event"),
 )
 
 deliveries = Table(
@@ -87,6 +89,8 @@ deliveries = Table(
     Column("channel", String(20), nullable=True),
     Column("state", String(20), nullable=False),
     Column("detail", String(500), nullable=True),
+    Column("superseded_by", String(36), nullable=True, comment="message id of a newer version"),
+    Column("retracted_by", String(36), nullable=True, comment="message id of the cancellation"),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     UniqueConstraint("message_id", "recipient_hsa_id"),
