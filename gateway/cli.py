@@ -24,7 +24,7 @@ app = typer.Typer(
 console = Console()
 
 
-def _serve(stages: tuple[str, ...]) -> None:
+def _serve(stages: tuple[str, ...] | None) -> None:
     from gateway.runtime import Gateway
 
     settings = Settings()
@@ -63,18 +63,26 @@ def _banner(settings: Settings, gateway: Any) -> None:
 @app.command()
 def run() -> None:
     """Run every stage in one process (embedded SQLite and broker unless configured)."""
-    _serve(ALL_STAGES)
+    _serve(None)
 
 
 @app.command()
 def worker(
-    stages: Annotated[str, typer.Option(help=f"Comma-separated, from: {','.join(ALL_STAGES)}")],
+    stages: Annotated[
+        str,
+        typer.Option(
+            help=f"Comma-separated, from: {','.join(ALL_STAGES)} and the stages adapters add"
+        ),
+    ],
 ) -> None:
     """Run some stages only, to scale them out. Needs BRYGGA_KAFKA_BOOTSTRAP and a shared DB."""
+    from gateway.runtime import available_stages
+
     chosen = tuple(s.strip() for s in stages.split(",") if s.strip())
-    unknown = sorted(set(chosen) - set(ALL_STAGES))
+    available = available_stages()
+    unknown = sorted(set(chosen) - set(available))
     if unknown:
-        raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {list(ALL_STAGES)}")
+        raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {list(available)}")
     if Settings().kafka_bootstrap is None:
         raise typer.BadParameter("workers share a Kafka cluster: set BRYGGA_KAFKA_BOOTSTRAP")
     _serve(chosen)

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 import uvicorn
 
-from gateway import sources
+from gateway import plugins, sources
 from gateway.api.app import create_app
 from gateway.api.auth import TokenKeys
 from gateway.bus import kafka
@@ -49,15 +49,23 @@ class _Server(uvicorn.Server):
         yield
 
 
+def available_stages(found: dict[str, plugins.StagePlugin] | None = None) -> tuple[str, ...]:
+    """The core stages and those adapters contribute."""
+    return ALL_STAGES + tuple(found if found is not None else plugins.discover())
+
+
 def directory_path(settings: Settings) -> Path:
     return settings.directory_file or MAPPINGS_DIR / "directory" / "demo.toml"
 
 
 class Gateway:
-    def __init__(self, settings: Settings, stages: tuple[str, ...] = ALL_STAGES) -> None:
-        unknown = set(stages) - set(ALL_STAGES)
+    def __init__(self, settings: Settings, stages: tuple[str, ...] | None = None) -> None:
+        self.plugins = plugins.discover()
+        available = available_stages(self.plugins)
+        stages = available if stages is None else stages
+        unknown = set(stages) - set(available)
         if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {ALL_STAGES}")
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {available}")
         self.settings = settings
         self.stages = stages
         self.broker: EmbeddedBroker | None = None
@@ -125,6 +133,28 @@ class Gateway:
                 self.runners.append(runner)
                 self._spawn(runner.run(), f"stage:{name}")
                 self._started.add(name)
+        for name, plugin in self.plugins.items():
+            if name not in self.stages:
+                continue
+            if not plugin.enabled(s):
+                log.info("gateway.stage_not_configured", stage=name)
+                self._started.add(name)
+                continue
+            stage = plugin.stage(db)
+            if stage is not None:
+                runner = StageRunner(
+                    stage,
+                    bootstrap,
+                    fetch_wait_ms=s.consumer_fetch_wait_ms,
+                    max_attempts=s.max_attempts,
+                    session_timeout_ms=session_ms,
+                )
+                self.runners.append(runner)
+                self._spawn(runner.run(), f"stage:{name}")
+            loop = plugin.background(db)
+            if loop is not None:
+                self._spawn(loop, f"{name}:background")
+            self._started.add(name)
         if "intake" in self.stages:
             keyer = PatientKeyer.from_file(s.keys_dir / "patient-hmac.key")
             ctx = sources.SourceContext(s, Intake(db, keyer))

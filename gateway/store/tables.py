@@ -131,3 +131,22 @@ processed_events = Table(
     Column("event_id", String(160), primary_key=True),
     Column("processed_at", UtcDateTime, nullable=False),
 )
+
+source_notifications = Table(
+    "source_notifications",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("message_id", String(36), ForeignKey("messages.id"), nullable=False),
+    Column("delivery_id", String(36), ForeignKey("deliveries.id"), nullable=False),
+    Column("state", String(20), nullable=False, comment="the ledger state reported"),
+    Column("channel", String(40), nullable=False, comment="which adapter sends it"),
+    Column("payload", LargeBinary, nullable=False, comment="the message to the source"),
+    Column("status", String(20), nullable=False, comment="pending, acked"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UtcDateTime, nullable=False),
+    Column("last_error", String(200), nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("acked_at", UtcDateTime, nullable=True),
+    UniqueConstraint("delivery_id", "state", "channel"),
+    Index(None, "status", "next_attempt_at"),
+)

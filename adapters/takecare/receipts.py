@@ -1,0 +1,284 @@
+"""Receipts back to TakeCare, so the ward sees in its own system who got, read and
+acknowledged its notice.
+
+Each ledger receipt (delivered, read, acknowledged, failed, parked) of a message that came
+from TakeCare becomes an HL7 v2.5 ``ORU^R01`` with human-readable Swedish status, sent over
+MLLP to TakeCare's listener. Why ORU and not ACK: one notice has many recipients and each
+reaches several states; an ORU carries recipient, state, time and person as observations
+under an OBR whose placer number (OBR-2) is the original MSH-10, which TakeCare can file
+against its own message. Each is stored first (``source_notifications``) and sent by a
+loop that retries with doubling delays until TakeCare answers AA; MSH-10 of the ORU is the
+notification id, so a resend is recognisable as one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Coroutine
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import structlog
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from adapters.takecare import mllp
+from adapters.takecare.ack import parse_ack
+from gateway import clock
+from gateway.bus import topics
+from gateway.bus.topics import Event
+from gateway.logs import error_fields
+from gateway.model.bundle import read_bundle
+from gateway.pipeline.stage import Stage
+from gateway.settings import Settings
+from gateway.store.db import Database
+from gateway.store.sql import insert_ignore
+from gateway.store.tables import deliveries, messages, receipt_events, source_notifications
+
+log = structlog.get_logger("brygga.takecare.receipts")
+CHANNEL = "takecare-oru"
+STOCKHOLM = ZoneInfo("Europe/Stockholm")
+REPORTED = {
+    "delivered": "Levererad",
+    "read": "Läst",
+    "acknowledged": "Kvitterad",
+    "failed": "Kunde inte levereras",
+    "parked": "Parkerad, kräver åtgärd",
+}
+ID_TYPES = {"personnummer": "PNR", "samordningsnummer": "SNR", "nationelltReservnummer": "RNR"}
+
+
+class ReceiptSettings(BaseSettings):
+    """Where TakeCare listens for receipts, and how hard to try."""
+
+    model_config = SettingsConfigDict(env_prefix="BRYGGA_TAKECARE_", extra="ignore")
+
+    receipts_host: str = ""
+    receipts_port: int = 0
+    receipts_applications: str = "TAKECARE"  # MSH-3 values whose messages get receipts
+    retry_seconds: float = 30.0  # first retry; doubles each time
+    retry_max_seconds: float = 900.0
+    timeout_seconds: float = 10.0
+    poll_seconds: float = 0.5
+
+
+def _esc(value: str) -> str:
+    """HL7 v2 escaping of text placed in a field."""
+    out = value.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\")
+    return out.replace("~", "\\R\\").replace("&", "\\T\\").replace("\r", " ").replace("\n", " ")
+
+
+def _ts(at: datetime) -> str:
+    return at.astimezone(STOCKHOLM).strftime("%Y%m%d%H%M%S%z")
+
+
+def build_oru(
+    notification_id: str,
+    source: str,
+    original_control_id: str,
+    bundle: dict[str, Any],
+    recipient: tuple[str, str],
+    state: str,
+    at: datetime,
+    actor: tuple[str, str] | None,
+) -> bytes:
+    """The ORU^R01 that tells TakeCare one recipient's state of one of its messages."""
+    app, _, facility = source.partition("|")
+    view = read_bundle(bundle)
+    patient = bundle["entry"][1]["resource"]
+    system = patient.get("identifier", [{}])[0].get("system", "")
+    id_type = ID_TYPES.get(system.rsplit("/", 1)[-1], "")
+    hsa, name = recipient
+    status = REPORTED[state]
+    local = at.astimezone(STOCKHOLM).strftime("%Y-%m-%d %H:%M")
+    summary = f"{name}: {status} {local}" + (f" av {actor[0]} ({actor[1]})" if actor else "")
+    segments = [
+        f"MSH|^~\\&|BRYGGA|BRYGGA|{_esc(app)}|{_esc(facility)}|{_ts(clock.now())}||"
+        f"ORU^R01^ORU_R01|{notification_id}|P|2.5|||AL|NE|SWE|UNICODE UTF-8",
+        f"PID|1||{_esc(view.patient_identifier)}^^^^{id_type}",
+        f"OBR|1|{_esc(original_control_id)}||LUSKVITTENS^Mottagarkvittens LUS^L|||{_ts(at)}",
+        f"OBX|1|CE|MOTTAGARE^Mottagare^L||{_esc(hsa)}^{_esc(name)}^HSA||||||F",
+        f"OBX|2|ST|STATUS^Status^L||{status}||||||F|||{_ts(at)}",
+    ]
+    if actor:
+        segments.append(
+            f"OBX|3|ST|UTFORDAV^Utförd av^L||{_esc(actor[0])} ({_esc(actor[1])})||||||F"
+        )
+    segments.append(f"NTE|1||{_esc(summary)}")
+    return ("\r".join(segments) + "\r").encode("utf-8")
+
+
+class ReceiptsToTakeCare(Stage):
+    """Turns receipts on ``brygga.receipts`` into stored notifications for TakeCare."""
+
+    name = "takecare-receipts"
+    topic = topics.RECEIPTS
+    handles = frozenset({"receipt.recorded"})
+
+    def __init__(self, db: Database, settings: ReceiptSettings) -> None:
+        super().__init__(db)
+        self.applications = {a.strip() for a in settings.receipts_applications.split(",")}
+
+    async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
+        state = str(event.data.get("state", ""))
+        if state not in REPORTED or event.delivery_id is None:
+            return
+        row = (
+            await conn.execute(
+                select(
+                    messages.c.source,
+                    messages.c.control_id,
+                    messages.c.canonical,
+                    deliveries.c.recipient_hsa_id,
+                    deliveries.c.recipient_name,
+                    receipt_events.c.at,
+                    receipt_events.c.actor_name,
+                    receipt_events.c.actor_role,
+                )
+                .join(deliveries, deliveries.c.message_id == messages.c.id)
+                .join(receipt_events, receipt_events.c.delivery_id == deliveries.c.id)
+                .where(deliveries.c.id == event.delivery_id, receipt_events.c.state == state)
+            )
+        ).one()
+        if row.source.partition("|")[0] not in self.applications:
+            return
+        notification_id = str(uuid.uuid4())
+        actor = (row.actor_name, row.actor_role or "") if row.actor_name else None
+        payload = build_oru(
+            notification_id,
+            row.source,
+            row.control_id,
+            json.loads(row.canonical),
+            (row.recipient_hsa_id, row.recipient_name),
+            state,
+            row.at,
+            actor,
+        )
+        now = clock.now()
+        await insert_ignore(
+            conn,
+            source_notifications,
+            {
+                "id": notification_id,
+                "message_id": event.message_id,
+                "delivery_id": event.delivery_id,
+                "state": state,
+                "channel": CHANNEL,
+                "payload": payload,
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            },
+        )
+
+
+class Sender:
+    """Sends pending notifications in the order they arose, per message; retries on failure."""
+
+    def __init__(self, db: Database, settings: ReceiptSettings) -> None:
+        self.db = db
+        self.s = settings
+
+    async def run(self) -> None:
+        while True:
+            try:
+                sent = await self.send_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is away: try again shortly
+                log.warning("takecare.receipts.retry", **error_fields(exc))
+                sent = 0
+            if not sent:
+                await asyncio.sleep(self.s.poll_seconds)
+
+    async def send_due(self) -> int:
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        source_notifications.c.id,
+                        source_notifications.c.message_id,
+                        source_notifications.c.payload,
+                        source_notifications.c.attempts,
+                        source_notifications.c.next_attempt_at,
+                    )
+                    .where(
+                        source_notifications.c.status == "pending",
+                        source_notifications.c.channel == CHANNEL,
+                    )
+                    .order_by(source_notifications.c.created_at, source_notifications.c.id)
+                    .limit(100)
+                )
+            ).all()
+        now = clock.now()
+        blocked: set[str] = set()  # a message whose earlier receipt failed waits its turn
+        sent = 0
+        for row in rows:
+            if row.message_id in blocked or row.next_attempt_at > now:
+                blocked.add(row.message_id)
+                continue
+            error = await self._send(row.payload)
+            await self._record(row.id, row.attempts, error)
+            if error:
+                blocked.add(row.message_id)
+            else:
+                sent += 1
+        return sent
+
+    async def _send(self, payload: bytes) -> str:
+        """'' when TakeCare accepted it, else why not (no patient data)."""
+        try:
+            answers = await mllp.send(
+                self.s.receipts_host,
+                self.s.receipts_port,
+                [payload],
+                timeout=self.s.timeout_seconds,
+            )
+            code = parse_ack(answers[0])[0]
+        except Exception as exc:
+            return type(exc).__name__
+        return "" if code in ("AA", "CA") else f"MSA-1 {code or '(none)'}"
+
+    async def _record(self, notification_id: str, attempts: int, error: str) -> None:
+        now = clock.now()
+        values: dict[str, Any] = {"attempts": attempts + 1, "last_error": error or None}
+        if error:
+            delay = min(self.s.retry_seconds * 2**attempts, self.s.retry_max_seconds)
+            values["next_attempt_at"] = now + timedelta(seconds=delay)
+            log.warning(
+                "takecare.receipts.not_accepted",
+                notification_id=notification_id,
+                error=error,
+                attempt=attempts + 1,
+            )
+        else:
+            values.update(status="acked", acked_at=now)
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                update(source_notifications)
+                .where(source_notifications.c.id == notification_id)
+                .values(values)
+            )
+
+
+class TakeCareReceiptsPlugin:
+    """Entry point ``brygga.stages: takecare-receipts``."""
+
+    name = "takecare-receipts"
+
+    def __init__(self) -> None:
+        self.settings = ReceiptSettings()
+
+    def enabled(self, settings: Settings) -> bool:
+        return bool(self.settings.receipts_host and self.settings.receipts_port)
+
+    def stage(self, db: Database) -> Stage | None:
+        return ReceiptsToTakeCare(db, self.settings)
+
+    def background(self, db: Database) -> Coroutine[Any, Any, None] | None:
+        return Sender(db, self.settings).run()

@@ -1,0 +1,106 @@
+"""Receipts go back to TakeCare over MLLP: a real listener stands in for TakeCare."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import hl7
+import httpx
+import pytest
+
+from adapters.takecare import mllp
+from adapters.takecare.ack import build_ack
+from adapters.takecare.hl7in import MshHeader
+from gateway.demo import HOME_CARE, admission
+from tests.support import Broker, GatewayProcess, free_port, now_sthlm, personnummer, wait_for
+from tests.test_e2e_path import msa, send
+
+
+class TakeCareListener:
+    """An MLLP server in a thread: records what it receives; refuses the first message."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[hl7.Message] = []
+        self.refused = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def handle(raw: bytes) -> bytes:
+            message = hl7.parse(raw.decode("utf-8"))
+            header = MshHeader(control_id=str(message.segment("MSH")[10]), version="2.5",
+                               message_type="ORU^R01")
+            if self.refused == 0:
+                self.refused += 1
+                return build_ack(header, "AE", ack_control_id="tc-1", text="busy")
+            self.received.append(message)
+            return build_ack(header, "AA", ack_control_id="tc-2")
+
+        self._loop.run_until_complete(mllp.serve("127.0.0.1", self.port, handle))
+        self._ready.set()
+        self._loop.run_forever()
+
+    def __enter__(self) -> TakeCareListener:
+        self._thread.start()
+        self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def statuses(self, control_id: str, recipient: str) -> list[str]:
+        out = []
+        for m in self.received:
+            obx = {str(s[3][0][0]): s for s in m.segments("OBX")}
+            if str(m.segment("OBR")[2]) == control_id and str(obx["MOTTAGARE"][5][0][0]) == \
+                    recipient:
+                out.append(str(obx["STATUS"][5]))
+        return out
+
+
+@pytest.fixture
+def takecare() -> Iterator[TakeCareListener]:
+    with TakeCareListener() as listener:
+        yield listener
+
+
+def test_receipts_reach_takecare_in_order_with_retry(
+    tmp_path: Path, database_url: str, broker: Broker, takecare: TakeCareListener
+) -> None:
+    gw = GatewayProcess(tmp_path / "gw", database_url, broker.bootstrap,
+                        BRYGGA_TAKECARE_RECEIPTS_HOST="127.0.0.1",
+                        BRYGGA_TAKECARE_RECEIPTS_PORT=str(takecare.port),
+                        BRYGGA_TAKECARE_RETRY_SECONDS="0.3")
+    gw.start()
+    try:
+        pnr = personnummer(900)
+        assert msa(send(gw, admission("TC-R1", now_sthlm(), pnr=pnr)))[1] == "AA"
+        notice = wait_for(lambda: next(iter(httpx.get(
+            f"{gw.base_url}/api/v1/inbox", headers=gw.token(HOME_CARE)).json()), None))
+        httpx.get(f"{gw.base_url}/api/v1/inbox/{notice['id']}", headers=gw.token(HOME_CARE))
+        httpx.post(f"{gw.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
+                   headers=gw.token(HOME_CARE),
+                   json={"name": "Anna Svensson", "role": "Undersköterska"})
+        wait_for(lambda: len(takecare.statuses("TC-R1", HOME_CARE)) == 3, timeout=30,
+                 what="three receipts for home care at TakeCare")
+        assert takecare.statuses("TC-R1", HOME_CARE) == ["Levererad", "Läst", "Kvitterad"]
+        assert takecare.refused == 1  # the refused one was sent again, and order held
+        last = next(m for m in takecare.received
+                    if str(m.segment("OBR")[2]) == "TC-R1" and "Kvitterad" in str(m))
+        assert str(last.segment("PID")[3][0][0]) == pnr  # TakeCare files it on its patient
+        assert "Anna Svensson (Undersköterska)" in str(last.segment("NTE"))
+        assert str(last.segment("MSH")[9]) == "ORU^R01^ORU_R01"
+        # Every recipient's delivery was reported (four parties in the demo admission).
+        wait_for(lambda: len({str(m.segment("OBX")[5][0][0]) for m in takecare.received}) == 4,
+                 what="a receipt for every recipient")
+    finally:
+        gw.stop()
+    assert '"takecare.receipts.not_accepted"' in gw.logs()
+    assert pnr not in gw.logs()
