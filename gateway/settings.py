@@ -7,6 +7,7 @@ gateway starts itself on loopback, listeners bound to loopback only.
 from __future__ import annotations
 
 import os
+import ssl
 from functools import cached_property
 from pathlib import Path
 
@@ -40,6 +41,13 @@ class Settings(BaseSettings):
     embedded_broker_port: int = Field(0, description="0 picks a free loopback port.")
     mllp_host: str = "127.0.0.1"
     mllp_port: int = 2575
+    mllp_tls_cert: Path | None = Field(
+        None, description="PEM certificate chain: with mllp_tls_key, MLLP is served over TLS."
+    )
+    mllp_tls_key: Path | None = Field(None, description="PEM private key of mllp_tls_cert.")
+    mllp_tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: when set, clients must present a certificate (mTLS)."
+    )
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     directory_file: Path | None = Field(
@@ -85,6 +93,20 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'brygga.db').resolve()}"
+
+    def mllp_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of the MLLP listener, or None for plain TCP."""
+        if not (self.mllp_tls_cert and self.mllp_tls_key):
+            if self.mllp_tls_cert or self.mllp_tls_key or self.mllp_tls_client_ca:
+                raise ValueError("MLLP TLS needs both BRYGGA_MLLP_TLS_CERT and _KEY")
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.mllp_tls_cert, self.mllp_tls_key)
+        if self.mllp_tls_client_ca:
+            context.load_verify_locations(self.mllp_tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
     @property
     def keys_dir(self) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from ssl import SSLContext
 
 import structlog
 
@@ -103,8 +104,10 @@ async def serve(
     *,
     idle_timeout: float = 300,
     max_frame: int = MAX_FRAME,
+    ssl: SSLContext | None = None,
 ) -> asyncio.Server:
-    """Listen for MLLP; one task per connection, frames answered in arrival order.
+    """Listen for MLLP (over TLS when ``ssl`` is given); one task per connection, frames
+    answered in arrival order.
 
     ``handler`` gets the payload and returns the complete ACK message, which is framed
     here. A handler error closes the connection without an answer, so the sender resends.
@@ -136,7 +139,7 @@ async def serve(
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    return await asyncio.start_server(connection, host, port)
+    return await asyncio.start_server(connection, host, port, ssl=ssl)
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:
@@ -144,9 +147,15 @@ def _peer(writer: asyncio.StreamWriter) -> str:
     return f"{info[0]}:{info[1]}" if isinstance(info, tuple) and len(info) >= 2 else "unknown"
 
 
-async def send(host: str, port: int, messages: list[bytes], timeout: float = 10) -> list[bytes]:
+async def send(
+    host: str,
+    port: int,
+    messages: list[bytes],
+    timeout: float = 10,
+    ssl: SSLContext | None = None,
+) -> list[bytes]:
     """Send each message on one connection and wait for its ACK before the next."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ssl), timeout)
     framer = Framer()
     acks: list[bytes] = []
     ready: list[bytes] = []

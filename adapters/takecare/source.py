@@ -8,6 +8,7 @@ is wrong (AE/AR), and AE/CE "store failed, resend" when the database could not c
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
 
 import structlog
@@ -39,8 +40,16 @@ class TakeCareSource:
     async def start(self, ctx: SourceContext) -> None:
         self._intake = ctx.intake
         self._source_override = ctx.settings.source_system
-        self._server = await mllp.serve(ctx.settings.mllp_host, ctx.settings.mllp_port, self.handle)
-        log.info("takecare.listening", port=ctx.settings.mllp_port)
+        tls = ctx.settings.mllp_ssl_context()
+        self._server = await mllp.serve(
+            ctx.settings.mllp_host, ctx.settings.mllp_port, self.handle, ssl=tls
+        )
+        log.info(
+            "takecare.listening",
+            port=ctx.settings.mllp_port,
+            tls=tls is not None,
+            client_certificates=bool(tls and tls.verify_mode == ssl.CERT_REQUIRED),
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
