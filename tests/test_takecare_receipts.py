@@ -35,8 +35,9 @@ class TakeCareListener:
 
         async def handle(raw: bytes) -> bytes:
             message = hl7.parse(raw.decode("utf-8"))
-            header = MshHeader(control_id=str(message.segment("MSH")[10]), version="2.5",
-                               message_type="ORU^R01")
+            header = MshHeader(
+                control_id=str(message.segment("MSH")[10]), version="2.5", message_type="ORU^R01"
+            )
             if self.refused == 0:
                 self.refused += 1
                 return build_ack(header, "AE", ack_control_id="tc-1", text="busy")
@@ -55,12 +56,26 @@ class TakeCareListener:
     def __exit__(self, *exc: object) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
+    def oru(self) -> list[hl7.Message]:
+        return [m for m in self.received if str(m.segment("MSH")[9]).startswith("ORU")]
+
+    def application_acks(self) -> dict[str, tuple[str, str]]:
+        """MSA-2 (the original MSH-10) -> (MSA-1, MSA-3) of every application ACK received."""
+        acks = [m for m in self.received if str(m.segment("MSH")[9]).startswith("ACK")]
+        out = {}
+        for m in acks:
+            msa_ = m.segment("MSA")
+            out[str(msa_[2])] = (str(msa_[1]), str(msa_[3]) if len(msa_) > 3 else "")
+        return out
+
     def statuses(self, control_id: str, recipient: str) -> list[str]:
         out = []
-        for m in self.received:
+        for m in self.oru():
             obx = {str(s[3][0][0]): s for s in m.segments("OBX")}
-            if str(m.segment("OBR")[2]) == control_id and str(obx["MOTTAGARE"][5][0][0]) == \
-                    recipient:
+            if (
+                str(m.segment("OBR")[2]) == control_id
+                and str(obx["MOTTAGARE"][5][0][0]) == recipient
+            ):
                 out.append(str(obx["STATUS"][5]))
         return out
 
@@ -74,32 +89,69 @@ def takecare() -> Iterator[TakeCareListener]:
 def test_receipts_reach_takecare_in_order_with_retry(
     tmp_path: Path, database_url: str, broker: Broker, takecare: TakeCareListener
 ) -> None:
-    gw = GatewayProcess(tmp_path / "gw", database_url, broker.bootstrap,
-                        BRYGGA_TAKECARE_RECEIPTS_HOST="127.0.0.1",
-                        BRYGGA_TAKECARE_RECEIPTS_PORT=str(takecare.port),
-                        BRYGGA_TAKECARE_RETRY_SECONDS="0.3")
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        database_url,
+        broker.bootstrap,
+        BRYGGA_TAKECARE_RECEIPTS_HOST="127.0.0.1",
+        BRYGGA_TAKECARE_RECEIPTS_PORT=str(takecare.port),
+        BRYGGA_TAKECARE_RETRY_SECONDS="0.3",
+    )
     gw.start()
     try:
         pnr = personnummer(900)
         assert msa(send(gw, admission("TC-R1", now_sthlm(), pnr=pnr)))[1] == "AA"
-        notice = wait_for(lambda: next(iter(httpx.get(
-            f"{gw.base_url}/api/v1/inbox", headers=gw.token(HOME_CARE)).json()), None))
+        notice = wait_for(
+            lambda: next(
+                iter(httpx.get(f"{gw.base_url}/api/v1/inbox", headers=gw.token(HOME_CARE)).json()),
+                None,
+            )
+        )
         httpx.get(f"{gw.base_url}/api/v1/inbox/{notice['id']}", headers=gw.token(HOME_CARE))
-        httpx.post(f"{gw.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
-                   headers=gw.token(HOME_CARE),
-                   json={"name": "Anna Svensson", "role": "Undersköterska"})
-        wait_for(lambda: len(takecare.statuses("TC-R1", HOME_CARE)) == 3, timeout=30,
-                 what="three receipts for home care at TakeCare")
+        httpx.post(
+            f"{gw.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
+            headers=gw.token(HOME_CARE),
+            json={"name": "Anna Svensson", "role": "Undersköterska"},
+        )
+        wait_for(
+            lambda: len(takecare.statuses("TC-R1", HOME_CARE)) == 3,
+            timeout=30,
+            what="three receipts for home care at TakeCare",
+        )
         assert takecare.statuses("TC-R1", HOME_CARE) == ["Levererad", "Läst", "Kvitterad"]
         assert takecare.refused == 1  # the refused one was sent again, and order held
-        last = next(m for m in takecare.received
-                    if str(m.segment("OBR")[2]) == "TC-R1" and "Kvitterad" in str(m))
+        last = next(
+            m
+            for m in takecare.oru()
+            if str(m.segment("OBR")[2]) == "TC-R1" and "Kvitterad" in str(m)
+        )
         assert str(last.segment("PID")[3][0][0]) == pnr  # TakeCare files it on its patient
         assert "Anna Svensson (Undersköterska)" in str(last.segment("NTE"))
         assert str(last.segment("MSH")[9]) == "ORU^R01^ORU_R01"
         # Every recipient's delivery was reported (four parties in the demo admission).
-        wait_for(lambda: len({str(m.segment("OBX")[5][0][0]) for m in takecare.received}) == 4,
-                 what="a receipt for every recipient")
+        wait_for(
+            lambda: len({str(m.segment("OBX")[5][0][0]) for m in takecare.oru()}) == 4,
+            what="a receipt for every recipient",
+        )
+        # Original mode (no MSH-16): the commit ACK was the answer; no application ACK.
+        assert "TC-R1" not in takecare.application_acks()
+
+        # Enhanced mode: CA at once, then the application ACK as a message of its own.
+        for control_id, consent in (("TC-ENH-OK", "samtycke"), ("TC-ENH-NO", "sparr")):
+            message = admission(control_id, now_sthlm(), pnr=personnummer(901), consent=consent)
+            head, rest = message.split(b"\r", 1)
+            fields = head.split(b"|")
+            fields[14:16] = [b"AL", b"AL"]
+            assert msa(send(gw, b"|".join(fields) + b"\r" + rest))[1] == "CA"
+        wait_for(
+            lambda: {"TC-ENH-OK", "TC-ENH-NO"} <= set(takecare.application_acks()),
+            what="application ACKs",
+        )
+        assert takecare.application_acks()["TC-ENH-OK"][0] == "AA"
+        assert takecare.application_acks()["TC-ENH-NO"] == (
+            "AR",
+            "Patienten har spärrat utlämnande",
+        )
     finally:
         gw.stop()
     assert '"takecare.receipts.not_accepted"' in gw.logs()

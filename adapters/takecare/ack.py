@@ -64,8 +64,12 @@ def build_ack(
     ack_control_id: str,
     error: Hl7Rejection | None = None,
     text: str = "",
+    request_accept_ack: bool = False,
 ) -> bytes:
     """An HL7 v2.5 ACK answering the message whose header is given (Inbound or rejection).
+
+    ``request_accept_ack`` marks an application ACK sent as a message of its own (enhanced
+    mode): MSH-15 ``AL`` asks the receiver to confirm it, so it can be resent until it is.
 
     Sending and receiving application/facility are swapped; MSA-2 echoes MSH-10 so the
     sender matches the ACK by id, not by order. Encoded in the original's character set.
@@ -94,8 +98,8 @@ def build_ack(
         version,
         "",
         "",
-        "",
-        "",
+        "AL" if request_accept_ack else "",
+        "NE" if request_accept_ack else "",
         "",
         charset if h.charset else "",
     ]

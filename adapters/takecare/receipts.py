@@ -27,7 +27,8 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from adapters.takecare import mllp
-from adapters.takecare.ack import parse_ack
+from adapters.takecare.ack import build_ack, parse_ack
+from adapters.takecare.hl7in import Hl7Rejection, parse
 from gateway import clock
 from gateway.bus import topics
 from gateway.bus.topics import Event
@@ -117,13 +118,16 @@ class ReceiptsToTakeCare(Stage):
 
     name = "takecare-receipts"
     topic = topics.RECEIPTS
-    handles = frozenset({"receipt.recorded"})
+    handles = frozenset({"receipt.recorded", "message.status"})
 
     def __init__(self, db: Database, settings: ReceiptSettings) -> None:
         super().__init__(db)
         self.applications = {a.strip() for a in settings.receipts_applications.split(",")}
 
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
+        if event.type == "message.status":
+            await self._application_ack(conn, event)
+            return
         state = str(event.data.get("state", ""))
         if state not in REPORTED or event.delivery_id is None:
             return
@@ -158,23 +162,93 @@ class ReceiptsToTakeCare(Stage):
             row.at,
             actor,
         )
-        now = clock.now()
-        await insert_ignore(
+        await _store(
             conn,
-            source_notifications,
-            {
-                "id": notification_id,
-                "message_id": event.message_id,
-                "delivery_id": event.delivery_id,
-                "state": state,
-                "channel": CHANNEL,
-                "payload": payload,
-                "status": "pending",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "created_at": now,
-            },
+            notification_id,
+            event.message_id,
+            event.delivery_id,
+            state,
+            payload,
+            f"{event.delivery_id}:{state}",
         )
+
+    async def _application_ack(self, conn: AsyncConnection, event: Event) -> None:
+        """Enhanced mode: the application ACK (MSH-16) once the gateway has decided.
+
+        routed → AA; the patient objected → AR; no recipient → AE. MSH-16 ``AL`` asks for
+        all of them, ``ER`` for errors only, ``SU`` for success only. Held messages wait
+        for their consent decision.
+        """
+        status = str(event.data.get("status", ""))
+        code = APPLICATION_CODES.get(status)
+        if code is None:
+            return
+        row = (
+            await conn.execute(
+                select(messages.c.source, messages.c.raw).where(messages.c.id == event.message_id)
+            )
+        ).one()
+        if row.source.partition("|")[0] not in self.applications:
+            return
+        try:
+            original = parse(row.raw)
+        except Hl7Rejection:  # the mapping changed since it was accepted: nothing to answer
+            log.warning("takecare.receipts.unparsable_original", message_id=event.message_id)
+            return
+        wanted = original.application_ack_type
+        if not (
+            wanted == "AL" or (wanted == "ER" and code != "AA") or (wanted == "SU" and code == "AA")
+        ):
+            return
+        notification_id = str(uuid.uuid4())
+        payload = build_ack(
+            original,
+            code,
+            ack_control_id=notification_id,
+            text=str(event.data.get("reason", "")),
+            request_accept_ack=True,
+        )
+        await _store(
+            conn,
+            notification_id,
+            event.message_id,
+            None,
+            f"application-{code}",
+            payload,
+            f"{event.message_id}:application-ack",
+        )
+
+
+APPLICATION_CODES = {"routed": "AA", "denied": "AR", "unroutable": "AE"}
+
+
+async def _store(
+    conn: AsyncConnection,
+    notification_id: str,
+    message_id: str,
+    delivery_id: str | None,
+    state: str,
+    payload: bytes,
+    dedup_key: str,
+) -> None:
+    now = clock.now()
+    await insert_ignore(
+        conn,
+        source_notifications,
+        {
+            "id": notification_id,
+            "message_id": message_id,
+            "delivery_id": delivery_id,
+            "state": state,
+            "dedup_key": dedup_key,
+            "channel": CHANNEL,
+            "payload": payload,
+            "status": "pending",
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+        },
+    )
 
 
 class Sender:

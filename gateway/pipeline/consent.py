@@ -58,9 +58,28 @@ class ConsentStage(Stage):
         )
         if decision == "permit":
             await enqueue(conn, topics.EVENTS, key, permitted_event(event.message_id))
+        else:
+            await announce_status(conn, key, event.message_id, STATUS[decision], reason)
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
         await park_message(conn, event.message_id)
+
+
+async def announce_status(
+    conn: AsyncConnection, key: str, message_id: str, status: str, reason: str = ""
+) -> None:
+    """Tell subscribers (and the sender's adapter) what became of a message as a whole."""
+    await enqueue(
+        conn,
+        topics.RECEIPTS,
+        key,
+        Event(
+            id=f"message.status:{message_id}:{status}",
+            type="message.status",
+            message_id=message_id,
+            data={"status": status, "reason": reason},
+        ),
+    )
 
 
 def permitted_event(message_id: str) -> Event:

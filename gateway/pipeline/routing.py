@@ -27,7 +27,7 @@ from gateway.model.bundle import BundleView, read_bundle
 from gateway.model.events import LusEvent
 from gateway.pipeline import ledger
 from gateway.pipeline.channels import ChannelRegistry
-from gateway.pipeline.consent import park_message
+from gateway.pipeline.consent import announce_status, park_message
 from gateway.pipeline.ledger import State
 from gateway.pipeline.stage import Stage
 from gateway.store.db import Database
@@ -114,10 +114,18 @@ class RouteStage(Stage):
         now = clock.now()
         for recipient in recipients.values():
             await self._deliver_to(conn, event.message_id, key, recipient, row.received_at, now)
+        status = "routed" if recipients else "unroutable"
         await conn.execute(
             update(messages)
             .where(messages.c.id == event.message_id)
-            .values(status="routed" if recipients else "unroutable", updated_at=now)
+            .values(status=status, updated_at=now)
+        )
+        await announce_status(
+            conn,
+            key,
+            event.message_id,
+            status,
+            "" if recipients else "Ingen mottagare i meddelandet motsvarar fördelningsreglerna",
         )
 
     def _by_rule(self, view: BundleView) -> dict[str, Recipient]:
