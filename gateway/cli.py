@@ -154,6 +154,40 @@ def _local(iso: str) -> str:
     return datetime.fromisoformat(iso).astimezone(STOCKHOLM).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
+@app.command()
+def replay(message_id: Annotated[str, typer.Argument(help="The gateway's message id.")]) -> None:
+    """Run a parked message (or its parked deliveries) again, once the cause is fixed."""
+    from gateway.pipeline.replay import replay as do_replay
+    from gateway.store.db import Database
+
+    async def go() -> Any:
+        db = Database(Settings().db_url)
+        try:
+            return await do_replay(db, message_id)
+        finally:
+            await db.close()
+
+    try:
+        done = asyncio.run(go())
+    except SQLAlchemyError as exc:
+        console.print(f"Cannot reach the database ({type(exc).__name__}).")
+        raise typer.Exit(2) from None
+    if done is None:
+        console.print(f"No message with id {message_id}.")
+        raise typer.Exit(1)
+    if not done.message and not done.deliveries:
+        console.print("Nothing is parked for this message; nothing was replayed.")
+        return
+    console.print(
+        ("The message starts again from the consent stage. " if done.message else "")
+        + (
+            f"{done.deliveries} parked deliveries will be attempted again."
+            if done.deliveries
+            else ""
+        )
+    )
+
+
 def print_ledger(ledger: dict[str, Any]) -> None:
     """The ledger as a table: one row per recipient, one line per receipt, Stockholm time."""
     consent = ledger["consent"]

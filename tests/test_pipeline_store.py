@@ -195,3 +195,36 @@ async def test_poison_event_is_parked_and_the_partition_moves_on(db: Database) -
     assert status == "parked" and claims == [f"message.accepted:{accepted.message_id}"]
     await runner._process(record)  # the same record again: already claimed, untouched
     assert stage.calls == 3
+
+
+async def test_replay_runs_a_parked_message_again(db: Database) -> None:
+    from gateway.pipeline.consent import ConsentStage
+    from gateway.pipeline.replay import replay
+
+    accepted = await Pipeline(db).intake.accept(
+        source="T|X", control_id="RP-1", raw=b"r", message=canonical(16), answer=lambda m: b"a"
+    )
+    await StageRunner(Exploding(db), "unused:0", fetch_wait_ms=10, max_attempts=1)._process(
+        _record(accepted_event(accepted.message_id))
+    )
+    assert (await replay(db, "no-such-message")) is None
+    done = await replay(db, accepted.message_id)
+    assert done is not None and done.message and done.deliveries == 0
+    fresh = [
+        e
+        for e in await _outbox_events(db, topics.EVENTS)
+        if e.id.startswith(f"message.accepted:{accepted.message_id}:replay:")
+    ]
+    assert len(fresh) == 1
+    await StageRunner(ConsentStage(db), "unused:0", fetch_wait_ms=10, max_attempts=1)._process(
+        _record(fresh[0])
+    )
+    async with db.read() as conn:
+        status = (
+            await conn.execute(
+                select(messages.c.status).where(messages.c.id == accepted.message_id)
+            )
+        ).scalar_one()
+    assert status == "permitted"
+    again = await replay(db, accepted.message_id)
+    assert again is not None and not again.message  # nothing parked any more
