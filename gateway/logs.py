@@ -51,6 +51,12 @@ def error_fields(exc: BaseException) -> dict[str, str]:
     return fields
 
 
+def flush() -> None:
+    """Flush the log handlers (before an immediate exit)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def configure(level: str = "info") -> None:
     """Route structlog and the standard library (uvicorn, aiokafka) into one JSON stream."""
     shared: list[Any] = [

@@ -213,7 +213,8 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(close(), STOP_TIMEOUT)
         if self.db:
-            await self.db.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.db.close(), STOP_TIMEOUT)
         if self.broker:
             self.broker.stop()
         log.info("gateway.stopped")
