@@ -25,6 +25,7 @@ from gateway.store.tables import outbox
 
 log = structlog.get_logger("brygga.relay")
 BATCH = 500
+GATHER_SECONDS = 0.005
 
 
 async def enqueue(conn: AsyncConnection, topic: str, key: str, event: Event) -> None:
@@ -60,6 +61,9 @@ class Relay:
             if sent < BATCH:
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                    # Let the commits of the next few milliseconds join this batch: one
+                    # relay transaction per commit would cost as much as the commits.
+                    await asyncio.sleep(GATHER_SECONDS)
                 except TimeoutError:
                     pass
 
