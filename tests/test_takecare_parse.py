@@ -92,13 +92,18 @@ def _assert_clean(rej: Hl7Rejection) -> None:
 
 
 def _golden_cases() -> list[Path]:
-    return sorted(GOLDEN.glob("adt_a01_*.hl7"))
+    return sorted(GOLDEN.glob("*.hl7"))
 
 
 def test_there_are_golden_cases() -> None:
     names = {p.stem for p in _golden_cases()}
     assert {"adt_a01_full", "adt_a01_latin1", "adt_a01_reservnummer"} <= names
     assert "adt_a01_samordningsnummer" in names
+    # one or more for every message type (tests/test_takecare_types.py checks each in detail)
+    for prefix in ("adt_a02", "adt_a03", "adt_a08", "adt_a11", "adt_a25", "adt_a40", "mdm_t02"):
+        assert any(n.startswith(prefix) for n in names), prefix
+    assert any(n.startswith("ref_i12") for n in names)
+    assert sum(n.startswith("episode_") for n in names) == 6
 
 
 @pytest.mark.parametrize("path", _golden_cases(), ids=lambda p: p.stem)
@@ -321,7 +326,7 @@ REJECTIONS = [
     ("version", _set_field("MSH", 12, "2.6"), "AR", "MSH", 1, 12, 203, "MSH-12"),
     ("no-version", _set_field("MSH", 12, ""), "AR", "MSH", 1, 12, 101, "MSH-12"),
     ("type", _set_field("MSH", 9, "ORU^R01^ORU_R01"), "AR", "MSH", 1, 9, 200, "message type"),
-    ("trigger", _set_field("MSH", 9, "ADT^A03^ADT_A03"), "AR", "MSH", 1, 9, 201, "trigger"),
+    ("trigger", _set_field("MSH", 9, "ADT^A04^ADT_A01"), "AR", "MSH", 1, 9, 201, "trigger"),
     ("no-type", _set_field("MSH", 9, ""), "AR", "MSH", 1, 9, 101, "MSH-9"),
     ("no-control-id", _set_field("MSH", 10, ""), "AR", "MSH", 1, 10, 101, "MSH-10"),
     ("two-msh", _msg(*BASE_SEGMENTS, BASE_SEGMENTS[0]), "AR", "MSH", 2, None, 100, "second MSH"),

@@ -7,6 +7,7 @@ gateway knows how the Bundle is laid out.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,14 @@ BRYGGA_SOURCE_ENDPOINT = "urn:brygga:gateway"
 CONSENT_BASIS_SYSTEM = "https://brygga.dev/fhir/CodeSystem/consent-basis"
 CARE_ROLE_SYSTEM = "https://brygga.dev/fhir/CodeSystem/care-role"
 SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+DISCHARGE_DISPOSITION_SYSTEM = "http://terminology.hl7.org/CodeSystem/discharge-disposition"
+DIAGNOSIS_ROLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
+CONDITION_CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-category"
+DOCUMENT_TYPE_SYSTEM = "https://brygga.dev/fhir/CodeSystem/document-type"
+DOCUMENT_FLAG_SYSTEM = "https://brygga.dev/fhir/CodeSystem/document-flag"
+REFERRAL_TYPE_SYSTEM = "https://brygga.dev/fhir/CodeSystem/referral-type"
+READY_FOR_DISCHARGE_URL = "https://brygga.dev/fhir/StructureDefinition/ready-for-discharge"
+NURSING_REFERRAL = "nursing-referral"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,73 @@ class ConsentBasis:
     basis: str
     decided_at: datetime | None = None
     physician_hsa_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Coding:
+    """A code in a FHIR system (ICD-10-SE diagnosis, ATC substance …)."""
+
+    system: str
+    code: str
+    display: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    """A diagnosis of the stay: a Condition, listed in Encounter.diagnosis."""
+
+    code: Coding
+    use: str = ""  # diagnosis-role code: AD (admission), DD (discharge); "" none
+    rank: int | None = None
+    recorded_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MedicationEntry:
+    """One line of the medication list: an ATC-coded MedicationStatement."""
+
+    medication: Coding
+    instructions: str = ""
+    dose: str = ""  # a decimal as text (exact), "" when not given
+    dose_high: str = ""  # upper end of a dose range
+    dose_unit: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """Document content: embedded (base64 ``data``) or referenced (``url``)."""
+
+    content_type: str  # MIME type; "" when unknown (a document referenced by number only)
+    data: str = ""
+    url: str = ""
+    title: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A clinical document (MDM): a DocumentReference with one or more attachments."""
+
+    type_code: str
+    title: str
+    attachments: tuple[Attachment, ...]
+    identifier: str = ""
+    created_at: datetime | None = None
+    status: str = "final"  # DocumentReference.docStatus
+    author_hsa_id: str = ""
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Referral:
+    """A referral to a care party (REF^I12): a ServiceRequest, performer ``to``."""
+
+    to: CareParty
+    type_code: str
+    type_text: str = ""
+    reason: str = ""
+    priority: str = ""
+    identifier: str = ""
+    authored_at: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -62,6 +138,15 @@ class CanonicalMessage:
     care_parties: list[CareParty] = field(default_factory=list)
     consent: ConsentBasis | None = None
     note: str = field(default="", repr=False)
+    encounter_status: str = "in-progress"
+    discharged_at: datetime | None = None
+    discharge_disposition: str = ""
+    ready_at: datetime | None = None  # the physician's ready-for-discharge decision
+    replaces_ids: list[PatientId] = field(default_factory=list)  # a merge: the prior identity
+    diagnoses: list[Diagnosis] = field(default_factory=list, repr=False)
+    medications: list[MedicationEntry] = field(default_factory=list, repr=False)
+    documents: list[Document] = field(default_factory=list, repr=False)
+    referral: Referral | None = field(default=None, repr=False)
 
     @property
     def primary_id(self) -> PatientId:
@@ -89,7 +174,9 @@ def _org(hsa_id: str, name: str) -> dict[str, Any]:
     return org
 
 
+@functools.lru_cache(maxsize=4096)
 def _org_id(hsa_id: str) -> str:
+    # cached: called several times per resource, for a few hundred distinct units
     return "org-" + "".join(c if c.isascii() and c.isalnum() else "-" for c in hsa_id).lower()
 
 
@@ -98,6 +185,8 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
     message_id = message_id or str(uuid.uuid4())
     orgs: dict[str, dict[str, Any]] = {msg.sender_hsa_id: _org(msg.sender_hsa_id, msg.sender_name)}
     parties = ([msg.listed_clinic] if msg.listed_clinic else []) + msg.care_parties
+    if msg.referral:
+        parties.append(msg.referral.to)
     for party in parties:
         orgs.setdefault(party.hsa_id, _org(party.hsa_id, party.name))
 
@@ -121,7 +210,7 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
     encounter: dict[str, Any] = {
         "resourceType": "Encounter",
         "id": "encounter",
-        "status": "in-progress",
+        "status": msg.encounter_status,
         "class": {
             "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
             "code": msg.encounter_class,
@@ -133,6 +222,20 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
         encounter["identifier"] = [{"value": msg.encounter_id}]
     if msg.admitted_at:
         encounter["period"] = {"start": _iso(msg.admitted_at)}
+    if msg.discharged_at:
+        encounter.setdefault("period", {})["end"] = _iso(msg.discharged_at)
+    if msg.discharge_disposition:
+        encounter["hospitalization"] = {
+            "dischargeDisposition": {
+                "coding": [
+                    {"system": DISCHARGE_DISPOSITION_SYSTEM, "code": msg.discharge_disposition}
+                ]
+            }
+        }
+    if msg.ready_at:
+        encounter["extension"] = [
+            {"url": READY_FOR_DISCHARGE_URL, "valueDateTime": _iso(msg.ready_at)}
+        ]
     if msg.ward_hsa_id:
         encounter["location"] = [
             {"location": {"identifier": {"system": HSA_SYSTEM, "value": msg.ward_hsa_id}}}
@@ -185,6 +288,7 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
         header["focus"].append({"reference": "CarePlan/careplan"})
     if msg.consent:
         resources.append(_consent(msg.consent))
+    _clinical(msg, resources, header, encounter, patient)
 
     return {
         "resourceType": "Bundle",
@@ -193,6 +297,171 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
         "timestamp": _iso(msg.occurred_at),
         "entry": [{"fullUrl": _full_url(message_id, r), "resource": r} for r in resources],
     }
+
+
+def _ref(resource: dict[str, Any]) -> dict[str, str]:
+    return {"reference": f"{resource['resourceType']}/{resource['id']}"}
+
+
+def _coding(coding: Coding) -> dict[str, str]:
+    out = {"system": coding.system, "code": coding.code}
+    if coding.display:
+        out["display"] = coding.display
+    return out
+
+
+def _number(text: str) -> int | float:
+    """A decimal from its text: an int when whole (FHIR JSON decimals are numbers)."""
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+def _clinical(
+    msg: CanonicalMessage,
+    resources: list[dict[str, Any]],
+    header: dict[str, Any],
+    encounter: dict[str, Any],
+    patient: dict[str, Any],
+) -> None:
+    """Diagnoses, medication list, documents, referral and a merge's prior identity."""
+    subject = {"reference": "Patient/patient"}
+    enc_ref = {"reference": "Encounter/encounter"}
+    if msg.replaces_ids:
+        prior = {
+            "resourceType": "Patient",
+            "id": "patient-prior",
+            "identifier": [{"system": p.system, "value": p.value} for p in msg.replaces_ids],
+            "active": False,
+            "link": [{"other": subject, "type": "replaced-by"}],
+        }
+        patient["link"] = [{"other": _ref(prior), "type": "replaces"}]
+        resources.append(prior)
+        header["focus"].append(subject)
+    diagnosis_list = []
+    for n, diag in enumerate(msg.diagnoses, 1):
+        condition: dict[str, Any] = {
+            "resourceType": "Condition",
+            "id": f"condition-{n}",
+            "category": [
+                {"coding": [{"system": CONDITION_CATEGORY_SYSTEM, "code": "encounter-diagnosis"}]}
+            ],
+            "code": {"coding": [_coding(diag.code)]},
+            "subject": subject,
+            "encounter": enc_ref,
+        }
+        if diag.recorded_at:
+            condition["recordedDate"] = _iso(diag.recorded_at)
+        resources.append(condition)
+        entry: dict[str, Any] = {"condition": _ref(condition)}
+        if diag.use:
+            entry["use"] = {"coding": [{"system": DIAGNOSIS_ROLE_SYSTEM, "code": diag.use}]}
+        if diag.rank is not None:
+            entry["rank"] = diag.rank
+        diagnosis_list.append(entry)
+    if diagnosis_list:
+        encounter["diagnosis"] = diagnosis_list
+    for n, med in enumerate(msg.medications, 1):
+        statement: dict[str, Any] = {
+            "resourceType": "MedicationStatement",
+            "id": f"medication-{n}",
+            "status": "active",
+            "medicationCodeableConcept": {"coding": [_coding(med.medication)]},
+            "subject": subject,
+            "context": enc_ref,
+        }
+        dosage: dict[str, Any] = {}
+        if med.instructions:
+            dosage["text"] = med.instructions
+        if med.dose:
+            low: dict[str, Any] = {"value": _number(med.dose)}
+            if med.dose_unit:
+                low["unit"] = med.dose_unit
+            if med.dose_high:
+                high: dict[str, Any] = {"value": _number(med.dose_high)}
+                if med.dose_unit:
+                    high["unit"] = med.dose_unit
+                dosage["doseAndRate"] = [{"doseRange": {"low": low, "high": high}}]
+            else:
+                dosage["doseAndRate"] = [{"doseQuantity": low}]
+        if dosage:
+            statement["dosage"] = [dosage]
+        resources.append(statement)
+    for n, doc in enumerate(msg.documents, 1):
+        resources.append(_document(n, doc))
+        header["focus"].append({"reference": f"DocumentReference/document-{n}"})
+    if msg.referral:
+        request = _referral(msg.referral, msg.sender_hsa_id)
+        resources.append(request)
+        header["focus"].append(_ref(request))
+        for res in resources:
+            if res["resourceType"] == "CarePlan":
+                res["activity"] = [{"reference": _ref(request)}]
+
+
+def _document(n: int, doc: Document) -> dict[str, Any]:
+    attachments = []
+    for att in doc.attachments:
+        attachment: dict[str, Any] = {"contentType": att.content_type} if att.content_type else {}
+        if att.data:
+            attachment["data"] = att.data
+        if att.url:
+            attachment["url"] = att.url
+        attachment["title"] = att.title or doc.title
+        if doc.created_at:
+            attachment["creation"] = _iso(doc.created_at)
+        attachments.append({"attachment": attachment})
+    resource: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "id": f"document-{n}",
+        "status": "current",
+        "docStatus": doc.status,
+        "type": {
+            "coding": [
+                {"system": DOCUMENT_TYPE_SYSTEM, "code": doc.type_code, "display": doc.title}
+            ]
+        },
+        "subject": {"reference": "Patient/patient"},
+        "description": doc.title,
+        "content": attachments,
+        "context": {"encounter": [{"reference": "Encounter/encounter"}]},
+    }
+    if doc.identifier:
+        resource["masterIdentifier"] = {"value": doc.identifier}
+    if doc.flags:
+        resource["category"] = [
+            {"coding": [{"system": DOCUMENT_FLAG_SYSTEM, "code": flag}]} for flag in doc.flags
+        ]
+    if doc.created_at:
+        resource["date"] = _iso(doc.created_at)
+    if doc.author_hsa_id:
+        resource["author"] = [{"identifier": {"system": HSA_SYSTEM, "value": doc.author_hsa_id}}]
+    return resource
+
+
+def _referral(ref: Referral, sender_hsa_id: str) -> dict[str, Any]:
+    code: dict[str, Any] = {"coding": [{"system": REFERRAL_TYPE_SYSTEM, "code": ref.type_code}]}
+    if ref.type_text:
+        code["text"] = ref.type_text
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "id": "referral",
+        "status": "active",
+        "intent": "order",
+        "code": code,
+        "subject": {"reference": "Patient/patient"},
+        "encounter": {"reference": "Encounter/encounter"},
+        "requester": {"reference": f"Organization/{_org_id(sender_hsa_id)}"},
+        "performer": [{"reference": f"Organization/{_org_id(ref.to.hsa_id)}"}],
+    }
+    if ref.identifier:
+        resource["identifier"] = [{"value": ref.identifier}]
+    if ref.priority:
+        resource["priority"] = ref.priority
+    if ref.authored_at:
+        resource["authoredOn"] = _iso(ref.authored_at)
+    if ref.reason:
+        resource["reasonCode"] = [{"text": ref.reason}]
+    return resource
 
 
 def _full_url(message_id: str, resource: dict[str, Any]) -> str:
@@ -240,6 +509,10 @@ class BundleView:
     protected_identity: bool
     patient_name: str
     patient_identifier: str
+    encounter_id: str = ""
+    ready_at: datetime | None = None
+    nursing_referral: bool = False
+    prior_identifiers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 def _resources(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -275,6 +548,24 @@ def read_bundle(bundle: dict[str, Any]) -> BundleView:
     name = " ".join([*names[0].get("given", []), names[0].get("family", "")]).strip()
     idents = patient.get("identifier") or [{}]
     security = patient.get("meta", {}).get("security", [])
+    encounter = res.get("Encounter/encounter", {})
+    ready = next(
+        (
+            e["valueDateTime"]
+            for e in encounter.get("extension", [])
+            if e.get("url") == READY_FOR_DISCHARGE_URL
+        ),
+        None,
+    )
+    flags = {
+        coding.get("code")
+        for key, resource in res.items()
+        if key.startswith("DocumentReference/")
+        for category in resource.get("category", [])
+        for coding in category.get("coding", [])
+        if coding.get("system") == DOCUMENT_FLAG_SYSTEM
+    }
+    prior = res.get("Patient/patient-prior", {})
     return BundleView(
         message_id=bundle["id"],
         event=LusEvent(header["eventCoding"]["code"]),
@@ -284,6 +575,12 @@ def read_bundle(bundle: dict[str, Any]) -> BundleView:
         protected_identity=any(s.get("code") == "R" for s in security),
         patient_name=name,
         patient_identifier=str(idents[0].get("value", "")),
+        encounter_id=str((encounter.get("identifier") or [{}])[0].get("value", "")),
+        ready_at=datetime.fromisoformat(ready) if ready else None,
+        nursing_referral=NURSING_REFERRAL in flags,
+        prior_identifiers=tuple(
+            (str(i.get("system", "")), str(i.get("value", ""))) for i in prior.get("identifier", [])
+        ),
     )
 
 
@@ -296,10 +593,16 @@ def validate_bundle(bundle: dict[str, Any]) -> None:
 
 __all__ = [
     "SYSTEMS",
+    "Attachment",
     "BundleView",
     "CanonicalMessage",
     "CareParty",
+    "Coding",
     "ConsentBasis",
+    "Diagnosis",
+    "Document",
+    "MedicationEntry",
+    "Referral",
     "read_bundle",
     "to_bundle",
     "validate_bundle",

@@ -19,6 +19,7 @@ class LusEvent(StrEnum):
     MAKULERA_INSKRIVNING = "makulera-inskrivning"
     MAKULERA_UTSKRIVNING = "makulera-utskrivning"
     MAKULERA_UTSKRIVNINGSKLAR = "makulera-utskrivningsklar"
+    PATIENTSAMMANSLAGNING = "patient-sammanslagning"
 
     @property
     def display(self) -> str:
@@ -69,6 +70,11 @@ _DISPLAY: dict[LusEvent, tuple[str, str]] = {
     LusEvent.MAKULERA_UTSKRIVNINGSKLAR: (
         "Makulerad utskrivningsklar",
         "Cancellation of ready-for-discharge; retracts it and stops its clocks.",
+    ),
+    LusEvent.PATIENTSAMMANSLAGNING: (
+        "Patientsammanslagning",
+        "Two identities of one patient were merged (HL7 A40): the prior identifier is "
+        "replaced by the surviving one. Internal to the gateway; not a LUS message.",
     ),
 }
 _WITH_CAREPLAN = frozenset(
