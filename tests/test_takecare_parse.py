@@ -577,8 +577,9 @@ _TEXT = st.text(
 
 
 @st.composite
-def _mutated(draw: st.DrawFn) -> bytes:
-    segs = list(BASE_SEGMENTS)
+def mutated(draw: st.DrawFn, segments: list[str] | None = None) -> bytes:
+    """A valid message (the full A01 by default), damaged in one to three ways."""
+    segs = list(segments if segments is not None else BASE_SEGMENTS)
     for _ in range(draw(st.integers(1, 3))):
         op = draw(st.sampled_from(["delete", "duplicate", "swap", "field", "truncate", "insert"]))
         i = draw(st.integers(0, len(segs) - 1)) if segs else 0
@@ -617,7 +618,7 @@ def _check_fuzzed(raw: bytes) -> None:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_mutated())
+@given(mutated())
 def test_fuzz_mutated_messages(raw: bytes) -> None:
     _check_fuzzed(raw)
 

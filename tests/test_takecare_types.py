@@ -29,6 +29,7 @@ from gateway.model.bundle import read_bundle, to_bundle, validate_bundle
 from gateway.model.events import LusEvent
 from gateway.model.identifiers import IdentifierKind
 from mappings import MAPPINGS_DIR
+from tests.test_takecare_parse import _TEXT, mutated
 
 TAKECARE = MAPPINGS_DIR / "takecare"
 GOLDEN = TAKECARE / "golden"
@@ -725,41 +726,7 @@ def test_segments_not_read_are_never_split() -> None:
 
 # --------------------------------------------------------------------------- robustness
 
-_TEXT = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"])
-    | st.sampled_from(list("|^~\\&\r\n\x0b\x1c")),
-    max_size=40,
-)
 NEW_TYPES = [n for n in _golden_names() if not n.startswith("adt_a01_")]
-
-
-@st.composite
-def _mutated(draw: st.DrawFn, name: str) -> bytes:
-    segs = _segments(name)
-    for _ in range(draw(st.integers(1, 3))):
-        op = draw(st.sampled_from(["delete", "duplicate", "swap", "field", "truncate", "insert"]))
-        i = draw(st.integers(0, len(segs) - 1)) if segs else 0
-        if op == "delete" and segs:
-            del segs[i]
-        elif op == "duplicate" and segs:
-            segs.insert(i, segs[i])
-        elif op == "swap" and len(segs) > 1:
-            j = draw(st.integers(0, len(segs) - 1))
-            segs[i], segs[j] = segs[j], segs[i]
-        elif op == "field" and segs:
-            parts = segs[i].split("|")
-            k = draw(st.integers(1, max(1, len(parts) + 2)))
-            parts += [""] * (k + 1 - len(parts))
-            parts[k] = draw(_TEXT)
-            segs[i] = "|".join(parts)
-        elif op == "truncate" and segs:
-            segs[i] = segs[i][: draw(st.integers(0, len(segs[i])))]
-        elif op == "insert":
-            segs.insert(i, draw(_TEXT))
-    data = "\r".join(segs).encode("utf-8", "surrogatepass")
-    if draw(st.booleans()):
-        data = data[: draw(st.integers(0, len(data)))]
-    return data
 
 
 def _check(raw: bytes) -> None:
@@ -779,7 +746,7 @@ def test_fuzz_mutated_messages_of_every_type(name: str) -> None:
     """Each golden message, mutated: accepted (a valid Bundle) or rejected naming a segment."""
 
     @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(_mutated(name))
+    @given(mutated(_segments(name)))
     def check(raw: bytes) -> None:
         _check(raw)
 
