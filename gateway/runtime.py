@@ -32,7 +32,7 @@ from gateway.pipeline.intake import Intake
 from gateway.pipeline.receipts import ReceiptsStage
 from gateway.pipeline.reconciler import Reconciler
 from gateway.pipeline.routing import RouteStage, RoutingRules
-from gateway.pipeline.stage import StageRunner
+from gateway.pipeline.stage import Stage, StageRunner
 from gateway.settings import ALL_STAGES, Settings
 from gateway.store.db import Database, migrate
 from mappings import MAPPINGS_DIR
@@ -121,17 +121,21 @@ class Gateway:
             "deliver": lambda: DeliverStage(db, channels),
             "receipts": lambda: ReceiptsStage(db),
         }
+
+        def run_stage(name: str, stage: Stage) -> None:
+            runner = StageRunner(
+                stage,
+                bootstrap,
+                fetch_wait_ms=s.consumer_fetch_wait_ms,
+                max_attempts=s.max_attempts,
+                session_timeout_ms=session_ms,
+            )
+            self.runners.append(runner)
+            self._spawn(runner.run(), f"stage:{name}")
+
         for name, make in stage_objects.items():
             if name in self.stages:
-                runner = StageRunner(
-                    make(),
-                    bootstrap,
-                    fetch_wait_ms=s.consumer_fetch_wait_ms,
-                    max_attempts=s.max_attempts,
-                    session_timeout_ms=session_ms,
-                )
-                self.runners.append(runner)
-                self._spawn(runner.run(), f"stage:{name}")
+                run_stage(name, make())
                 self._started.add(name)
         for name, plugin in self.plugins.items():
             if name not in self.stages:
@@ -142,15 +146,7 @@ class Gateway:
                 continue
             stage = plugin.stage(db)
             if stage is not None:
-                runner = StageRunner(
-                    stage,
-                    bootstrap,
-                    fetch_wait_ms=s.consumer_fetch_wait_ms,
-                    max_attempts=s.max_attempts,
-                    session_timeout_ms=session_ms,
-                )
-                self.runners.append(runner)
-                self._spawn(runner.run(), f"stage:{name}")
+                run_stage(name, stage)
             loop = plugin.background(db)
             if loop is not None:
                 self._spawn(loop, f"{name}:background")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from gateway.store.db import Database, migrate
 from tests.support import Broker, GatewayProcess, create_pg_database, drop_pg_database
 
 
@@ -20,6 +21,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
     finally:
         drop_pg_database(url)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """A migrated database (SQLite and PostgreSQL) for in-process tests."""
+    await migrate(database_url)
+    database = Database(database_url)
+    yield database
+    await database.close()
 
 
 @pytest.fixture

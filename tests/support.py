@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,26 +19,12 @@ import httpx
 
 from gateway.api.auth import TokenKeys
 from gateway.bus import broker as broker_mod
-from gateway.model.identifiers import luhn_check_digit
+from gateway.bus.broker import free_port
+from gateway.model.identifiers import synthetic_personnummer
 
+personnummer = synthetic_personnummer  # the tests' made-up patients
 PG_ADMIN_DSN = os.environ.get("BRYGGA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 STOCKHOLM = ZoneInfo("Europe/Stockholm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def personnummer(n: int) -> str:
-    """A valid, made-up personnummer (born 1930-1949), different for each n."""
-    year = 1930 + n % 20
-    month = 1 + (n // 20) % 12
-    day = 1 + (n // 240) % 28
-    serial = 100 + n % 900
-    nine = f"{year % 100:02d}{month:02d}{day:02d}{serial:03d}"
-    return f"{year // 100}{nine}{luhn_check_digit(nine)}"
 
 
 def now_sthlm() -> datetime:

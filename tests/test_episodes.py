@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
@@ -12,21 +9,13 @@ from sqlalchemy import select
 from gateway.model.bundle import CareParty
 from gateway.model.events import LusEvent
 from gateway.pipeline import inbox
-from gateway.store.db import Database, migrate
+from gateway.store.db import Database
 from gateway.store.tables import deliveries, metadata
 from tests.inprocess import HOME_CARE, Pipeline, canonical
 
 NIGHT = "SE5561234567-HT02"
 REHAB = "SE2321000016-R040"
 CLINIC = "SE2321000016-V010"
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    await migrate(database_url)
-    database = Database(database_url)
-    yield database
-    await database.close()
 
 
 def parties(*hsa: str) -> list[CareParty]:

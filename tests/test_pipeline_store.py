@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,7 +19,7 @@ from gateway.pipeline.consent import accepted_event
 from gateway.pipeline.ledger import State
 from gateway.pipeline.reconciler import Reconciler
 from gateway.pipeline.stage import Stage, StageRunner
-from gateway.store.db import Database, migrate
+from gateway.store.db import Database
 from gateway.store.tables import deliveries, messages, outbox, processed_events
 from tests.inprocess import HOME_CARE, KEYER, Pipeline, canonical
 
@@ -40,14 +40,6 @@ def fixed_clock() -> Iterator[FixedClock]:
         yield fixed
     finally:
         clock.clock = original
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    await migrate(database_url)
-    database = Database(database_url)
-    yield database
-    await database.close()
 
 
 async def _outbox_events(db: Database, topic: str) -> list[Event]:

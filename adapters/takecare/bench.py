@@ -47,7 +47,7 @@ from rich.table import Table
 from adapters.takecare import mllp
 from gateway.bus.broker import free_port
 from gateway.demo import admission
-from gateway.model.identifiers import luhn_check_digit
+from gateway.model.identifiers import synthetic_personnummer as personnummer
 from mappings import MAPPINGS_DIR
 
 app = typer.Typer(help="Benchmarks; print figures and ratios.", no_args_is_help=True)
@@ -69,16 +69,6 @@ _GIVEN = ("Anna", "Maria", "Karl", "Erik", "Ingrid", "Margareta", "Åsa", "Sven"
 
 
 # --------------------------------------------------------------------------- messages
-
-
-def personnummer(n: int) -> str:
-    """A valid, made-up personnummer (born 1930-1949), different for each n < 5,000."""
-    year = 1930 + n % 20
-    month = 1 + (n // 20) % 12
-    day = 1 + (n // 240) % 28
-    serial = 100 + n % 900
-    nine = f"{year % 100:02d}{month:02d}{day:02d}{serial:03d}"
-    return f"{year // 100}{nine}{luhn_check_digit(nine)}"
 
 
 def _templates(patients: int) -> list[bytes]:

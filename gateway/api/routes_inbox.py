@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, Field
 
 from gateway.api.auth import Caller, require_role
+from gateway.api.openapi import example
 from gateway.pipeline import inbox
 from gateway.pipeline.ledger import Actor
 
@@ -43,7 +44,7 @@ class Acknowledgement(BaseModel):
 @router.get(
     "",
     summary="List the notices addressed to your organisation",
-    responses={200: {"content": {"application/json": {"example": [EXAMPLE_ITEM]}}}},
+    responses=example([EXAMPLE_ITEM]),
 )
 async def list_inbox(request: Request, who: Staff) -> list[dict[str, Any]]:
     """Newest first. Patients with protected identity are listed without name or number."""
@@ -54,20 +55,10 @@ async def list_inbox(request: Request, who: Staff) -> list[dict[str, Any]]:
 @router.get(
     "/{notice_id}",
     summary="Open a notice (records a *read* receipt)",
-    responses={
-        404: {"description": NOT_FOUND},
-        200: {
-            "content": {
-                "application/json": {
-                    "example": {
-                        **EXAMPLE_ITEM,
-                        "state": "read",
-                        "bundle": {"resourceType": "Bundle", "type": "message"},
-                    }
-                }
-            }
-        },
-    },
+    responses=example(
+        {**EXAMPLE_ITEM, "state": "read", "bundle": {"resourceType": "Bundle", "type": "message"}},
+        {404: NOT_FOUND},
+    ),
 )
 async def open_notice(request: Request, notice_id: str, who: Staff) -> dict[str, Any]:
     """Returns the notice with its FHIR message Bundle; the first opening is the *read* receipt."""
@@ -82,28 +73,22 @@ async def open_notice(request: Request, notice_id: str, who: Staff) -> dict[str,
 @router.post(
     "/{notice_id}/acknowledge",
     summary="Acknowledge a notice (kvittens)",
-    responses={
-        404: {"description": NOT_FOUND},
-        200: {
-            "content": {
-                "application/json": {
-                    "example": {
-                        "id": EXAMPLE_ITEM["id"],
-                        "acknowledged": True,
-                        "already_acknowledged": False,
-                        "receipts": [
-                            {"state": "accepted", "at": "2026-11-23T08:15:02+00:00"},
-                            {
-                                "state": "acknowledged",
-                                "at": "2026-11-23T09:01:40+00:00",
-                                "by": {"name": "Anna Svensson", "role": "Undersköterska"},
-                            },
-                        ],
-                    }
-                }
-            }
+    responses=example(
+        {
+            "id": EXAMPLE_ITEM["id"],
+            "acknowledged": True,
+            "already_acknowledged": False,
+            "receipts": [
+                {"state": "accepted", "at": "2026-11-23T08:15:02+00:00"},
+                {
+                    "state": "acknowledged",
+                    "at": "2026-11-23T09:01:40+00:00",
+                    "by": {"name": "Anna Svensson", "role": "Undersköterska"},
+                },
+            ],
         },
-    },
+        {404: NOT_FOUND},
+    ),
 )
 async def acknowledge(
     request: Request, notice_id: str, body: Acknowledgement, who: Staff

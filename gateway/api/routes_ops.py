@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse
 
 from gateway.api.auth import Caller, require_role
+from gateway.api.openapi import example
 from gateway.pipeline.views import find_message_id, message_ledger
 
 router = APIRouter(tags=["operations"])
@@ -56,10 +57,7 @@ EXAMPLE_LEDGER = {
 @router.get(
     "/api/v1/messages/{message_id}",
     summary="The receipt ledger of one message",
-    responses={
-        404: {"description": "No such message."},
-        200: {"content": {"application/json": {"example": EXAMPLE_LEDGER}}},
-    },
+    responses=example(EXAMPLE_LEDGER, {404: "No such message."}),
 )
 async def get_message(request: Request, message_id: str, who: Ops) -> dict[str, Any]:
     """Pipeline status, consent decision and, per recipient, every receipt with its time."""

@@ -9,7 +9,8 @@ ignores it. The row's ``updated_at`` is touched so it is not republished again a
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import delete, select, update
@@ -112,8 +113,14 @@ class Reconciler:
         return int(done.rowcount or 0) + int(keys.rowcount or 0)
 
     async def _messages(
-        self, conn: AsyncConnection, status: str, cutoff, now, make_event, settle: bool = False
-    ) -> int:  # type: ignore[no-untyped-def]
+        self,
+        conn: AsyncConnection,
+        status: str,
+        cutoff: datetime,
+        now: datetime,
+        make_event: Callable[[str], Event],
+        settle: bool = False,
+    ) -> int:
         query = select(messages.c.id, messages.c.patient_key).where(
             messages.c.status == status, messages.c.updated_at < cutoff
         )
