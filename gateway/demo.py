@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import httpx
 
 from gateway.api.auth import TokenKeys
+from gateway.clock import STOCKHOLM
 from gateway.settings import Settings
 
 HOSPITAL = "SE2321000016-H001"
@@ -91,7 +91,7 @@ async def play(
     staff = {"Authorization": "Bearer " + keys.issue(HOME_CARE, "staff", "Anna Svensson")}
     ops = {"Authorization": "Bearer " + keys.issue(OPS, "ops", "Driftövervakning")}
     control_id = f"DEMO{int(time.time() * 1000)}"
-    now = datetime.now(ZoneInfo("Europe/Stockholm"))
+    now = datetime.now(STOCKHOLM)
 
     say(
         f"1. TakeCare sends an admission (ADT^A01, MSH-10 {control_id}) over MLLP "

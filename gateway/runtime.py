@@ -23,6 +23,8 @@ from gateway.bus import kafka
 from gateway.bus.broker import EmbeddedBroker
 from gateway.bus.keys import PatientKeyer
 from gateway.bus.outbox import Relay
+from gateway.crypto import columns, kek
+from gateway.crypto.keyring import Keyring
 from gateway.directory import Directory
 from gateway.logs import error_fields
 from gateway.pipeline.channels import ChannelRegistry
@@ -70,6 +72,7 @@ class Gateway:
         self.stages = stages
         self.broker: EmbeddedBroker | None = None
         self.db: Database | None = None
+        self.keyring: Keyring | None = None
         self.runners: list[StageRunner] = []
         self.sources: list[sources.Source] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -87,6 +90,16 @@ class Gateway:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         await migrate(s.db_url)
+        self.db = db = Database(s.db_url)
+        # Patient data is sealed in the database and on Kafka: nothing runs without the keys.
+        self.keyring = keyring = Keyring(
+            db,
+            kek.from_settings(s),
+            cache_seconds=s.key_cache_seconds,
+            allow_plaintext=s.read_plaintext_rows,
+        )
+        await keyring.start()
+        columns.install(keyring)
         bootstrap = s.kafka_bootstrap
         if bootstrap is None:
             self.broker = EmbeddedBroker(s.data_dir, s.embedded_broker_port)
@@ -94,17 +107,24 @@ class Gateway:
             self._spawn(self.broker.supervise(), "broker")
             bootstrap = self.broker.bootstrap
         await kafka.ensure_topics(bootstrap)
-        self.db = db = Database(s.db_url)
         session_ms = s.consumer_session_timeout_ms or (3000 if self.broker else 10000)
         channels = ChannelRegistry.discover()
         directory = Directory.load(directory_path(s))
         rules = RoutingRules.load(s.routing_file or MAPPINGS_DIR / "routing" / "lus.toml")
+        # The patient HMAC key names every pseudonym: created by the stages that key new
+        # data (intake, route), only read by the others, never created twice.
+        hmac_key = s.keys_dir / "patient-hmac.key"
+        keyer = (
+            PatientKeyer.from_file(hmac_key)
+            if hmac_key.exists() or {"intake", "route"} & set(self.stages)
+            else None
+        )
 
         if "relay" in self.stages:
             producer = kafka.producer(bootstrap)
             await producer.start()
             self._closers.append(producer.stop)
-            self._spawn(Relay(db, producer, s.relay_poll_seconds).run(), "relay")
+            self._spawn(Relay(db, producer, s.relay_poll_seconds, keyring).run(), "relay")
             self._spawn(kafka.keep_topics(bootstrap), "keep_topics")
             self._started.add("relay")
         if "reconcile" in self.stages:
@@ -117,7 +137,7 @@ class Gateway:
             self._started.add("reconcile")
         stage_objects = {
             "consent": lambda: ConsentStage(db),
-            "route": lambda: RouteStage(db, directory, rules, channels),
+            "route": lambda: RouteStage(db, directory, rules, channels, _required(keyer)),
             "deliver": lambda: DeliverStage(db, channels),
             "receipts": lambda: ReceiptsStage(db),
         }
@@ -129,6 +149,7 @@ class Gateway:
                 fetch_wait_ms=s.consumer_fetch_wait_ms,
                 max_attempts=s.max_attempts,
                 session_timeout_ms=session_ms,
+                cipher=keyring,
             )
             self.runners.append(runner)
             self._spawn(runner.run(), f"stage:{name}")
@@ -152,14 +173,13 @@ class Gateway:
                 self._spawn(loop, f"{name}:background")
             self._started.add(name)
         if "intake" in self.stages:
-            keyer = PatientKeyer.from_file(s.keys_dir / "patient-hmac.key")
-            ctx = sources.SourceContext(s, Intake(db, keyer))
+            ctx = sources.SourceContext(s, Intake(db, _required(keyer)))
             for source in sources.discover():
                 await source.start(ctx)
                 self.sources.append(source)
             self._started.add("intake")
         if "api" in self.stages:
-            app = create_app(db, TokenKeys.from_dir(s.keys_dir), self.waiting_for)
+            app = create_app(db, TokenKeys.from_dir(s.keys_dir), self.waiting_for, keyer)
             config = uvicorn.Config(
                 app,
                 host=s.http_host,
@@ -167,6 +187,7 @@ class Gateway:
                 log_config=None,
                 access_log=False,
                 lifespan="off",
+                **s.http_tls(),
             )
             self._server = server = _Server(config)
             self._server_task = self._spawn(server.serve(), "http")
@@ -202,7 +223,9 @@ class Gateway:
                 await asyncio.wait_for(asyncio.shield(self._server_task), 5)
         for task in self._tasks:
             task.cancel()
-        _, pending = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
+        _, pending = (
+            await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT) if self._tasks else (set(), set())
+        )
         if pending:
             log.warning("gateway.stop_incomplete", tasks=sorted(t.get_name() for t in pending))
         for close in self._closers:
@@ -221,3 +244,8 @@ class Gateway:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def _required(keyer: PatientKeyer | None) -> PatientKeyer:
+    assert keyer is not None, "intake and route create the patient key when they start"
+    return keyer

@@ -17,8 +17,9 @@ from gateway.model.identifiers import parse_identity_number
 from gateway.pipeline.channels import ChannelRegistry, InboxChannel
 from gateway.pipeline.consent import ConsentStage, accepted_event, permitted_event
 from gateway.pipeline.delivery import DeliverStage
+from gateway.pipeline.gate import delivery_event
 from gateway.pipeline.intake import Intake
-from gateway.pipeline.routing import RouteStage, RoutingRules, delivery_event
+from gateway.pipeline.routing import RouteStage, RoutingRules
 from gateway.runtime import directory_path
 from gateway.settings import Settings
 from gateway.store.db import Database
@@ -28,7 +29,15 @@ from tests.support import STOCKHOLM, personnummer
 
 KEYER = PatientKeyer(b"k" * 32)
 HOME_CARE = "SE5566778899-HT01"
+NIGHT = "SE5561234567-HT02"
+REHAB = "SE2321000016-R040"
 HOSPITAL = "SE2321000016-H001"
+
+
+def parties(*hsa: str) -> list[CareParty]:
+    """Care parties of the demo directory, each with its routing role."""
+    roles = {HOME_CARE: "hemtjanst", NIGHT: "hemtjanst-natt", REHAB: "rehab"}
+    return [CareParty(roles[h], h) for h in hsa]
 
 
 def canonical(
@@ -77,10 +86,18 @@ class Pipeline:
             Directory.load(directory_path(Settings())),
             RoutingRules.load(MAPPINGS_DIR / "routing" / "lus.toml"),
             channels,
+            KEYER,
         )
         self.deliver = DeliverStage(db, channels)
 
     async def run(self, message: CanonicalMessage, control_id: str) -> str:
+        """Intake, consent, routing and delivery of one message."""
+        mid = await self.route_message(message, control_id)
+        await self.deliver_routed(mid)
+        return mid
+
+    async def route_message(self, message: CanonicalMessage, control_id: str) -> str:
+        """Intake, consent and routing only: deliveries stop in routed, held or denied."""
         accepted = await self.intake.accept(
             source="TEST|X",
             control_id=control_id,
@@ -91,21 +108,35 @@ class Pipeline:
         mid = accepted.message_id
         await self._step(self.consent, accepted_event(mid))
         await self._step(self.route, permitted_event(mid))
+        return mid
+
+    async def deliver_routed(self, message_id: str) -> list[str]:
+        """Run the delivery stage for the message's deliveries waiting in ``routed``."""
         async with self.db.read() as conn:
-            ids = (
+            ids = list(
                 (
                     await conn.execute(
                         select(deliveries.c.id).where(
-                            deliveries.c.message_id == mid, deliveries.c.state == "routed"
+                            deliveries.c.message_id == message_id, deliveries.c.state == "routed"
                         )
                     )
-                )
-                .scalars()
-                .all()
+                ).scalars()
             )
         for delivery_id in ids:
-            await self._step(self.deliver, delivery_event(mid, delivery_id))
-        return mid
+            await self._step(self.deliver, delivery_event(message_id, delivery_id))
+        return ids
+
+    async def states(self, message_id: str) -> dict[str, str]:
+        """recipient HSA-id -> delivery state."""
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(deliveries.c.recipient_hsa_id, deliveries.c.state).where(
+                        deliveries.c.message_id == message_id
+                    )
+                )
+            ).all()
+        return {r.recipient_hsa_id: r.state for r in rows}
 
     async def _step(self, stage: Any, event: Event) -> None:
         async with self.db.transaction() as conn:

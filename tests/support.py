@@ -13,18 +13,17 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import httpx
 
 from gateway.api.auth import TokenKeys
 from gateway.bus import broker as broker_mod
 from gateway.bus.broker import free_port
+from gateway.clock import STOCKHOLM
 from gateway.model.identifiers import synthetic_personnummer
 
 personnummer = synthetic_personnummer  # the tests' made-up patients
 PG_ADMIN_DSN = os.environ.get("BRYGGA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-STOCKHOLM = ZoneInfo("Europe/Stockholm")
 
 
 def now_sthlm() -> datetime:
@@ -124,7 +123,8 @@ class GatewayProcess:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if "BRYGGA_HTTP_TLS_CERT" in self.env else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     @property
     def serves_http(self) -> bool:
@@ -148,13 +148,18 @@ class GatewayProcess:
             if self._ready():
                 return
             time.sleep(0.1)
+        self.proc.kill()  # never leave a half-started gateway behind
+        self.proc.wait()
         raise TimeoutError(f"gateway not ready in {timeout}s:\n{self.logs()[-3000:]}")
 
     def _ready(self) -> bool:
-        if not self.serves_http:  # a worker without HTTP says so in its log
+        if not self.serves_http or "BRYGGA_HTTP_TLS_CLIENT_CA" in self.env:
+            # A worker without HTTP, or HTTPS that wants a client certificate: the log says.
             return '"gateway.started"' in self.logs()
         try:
-            return httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200
+            # Readiness only: the TLS tests check the certificates themselves.
+            response = httpx.get(f"{self.base_url}/readyz", timeout=1, verify=False)
+            return response.status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from datetime import datetime
 
 import hl7
@@ -123,6 +124,9 @@ def test_admission_reaches_home_care_and_ledger_moves_through_every_state(
     assert status.returncode == 0, status.stderr
     for state in STATES:
         assert state in status.stdout
+    # The deliveries and the reads above are in the audit trail, and it is intact.
+    audited = gateway.cli("audit", "verify")
+    assert audited.returncode == 0 and "intact" in audited.stdout, audited.stdout
 
 
 def test_same_control_id_twice_gives_same_ack_and_one_delivery(gateway: GatewayProcess) -> None:
@@ -252,3 +256,55 @@ def test_split_workers_share_the_work(tmp_path, database_url: str, broker) -> No
     finally:
         front.stop()
         back.stop()
+
+
+def test_a_held_notice_is_released_within_a_second_of_the_consent(
+    gateway: GatewayProcess,
+) -> None:
+    """No consent in the admission: every notice waits in 'held' and TakeCare is told so;
+    the hospital's system then records the consent over FHIR, and home care has the notice
+    within a second, over the real broker and stages."""
+    pnr = personnummer(7)
+    ack = send(gateway, admission("E2E-HOLD", now_sthlm(), pnr=pnr, consent=""))
+    assert msa(ack)[1] == "AA"
+    message_id = next(s for s in iter_segments(ack) if s[0] == "MSH")[9]  # the gateway's id
+
+    held = wait_for(
+        lambda: (d := ledger(gateway, message_id))["status"] == "held" and d, what="held"
+    )
+    home = next(d for d in held["deliveries"] if d["recipient"]["hsa_id"] == HOME_CARE)
+    assert home["state"] == "held"
+    assert held["consent"] == {"decision": "hold", "reason": "Väntar på samtycke"}
+    assert inbox(gateway) == []
+
+    consent = {
+        "resourceType": "Consent",
+        "status": "active",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "https://brygga.dev/fhir/CodeSystem/consent-basis",
+                        "code": "samtycke",
+                    }
+                ]
+            }
+        ],
+        "patient": {
+            "identifier": {
+                "system": "http://electronichealth.se/identifier/personnummer",
+                "value": pnr,
+            }
+        },
+        "provision": {"type": "permit"},
+    }
+    headers = gateway.token("SE2321000016-H001", "integration")
+    started = time.monotonic()
+    posted = httpx.post(f"{gateway.base_url}/fhir/Consent", json=consent, headers=headers)
+    assert posted.status_code == 201, posted.text
+    notice = wait_for(
+        lambda: next(iter(inbox(gateway)), None), timeout=5, interval=0.02, what="released notice"
+    )
+    released_after = time.monotonic() - started
+    assert notice["message_id"] == message_id
+    assert released_after < 1.0, f"released after {released_after:.2f} s"

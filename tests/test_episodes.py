@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
 
-from gateway.model.bundle import CareParty
 from gateway.model.events import LusEvent
+from gateway.model.identifiers import parse_reservnummer
 from gateway.pipeline import inbox
 from gateway.store.db import Database
-from gateway.store.tables import deliveries, metadata
-from tests.inprocess import HOME_CARE, Pipeline, canonical
+from gateway.store.tables import deliveries, messages, metadata
+from tests.inprocess import HOME_CARE, NIGHT, REHAB, Pipeline, canonical, parties
 
-NIGHT = "SE5561234567-HT02"
-REHAB = "SE2321000016-R040"
 CLINIC = "SE2321000016-V010"
-
-
-def parties(*hsa: str) -> list[CareParty]:
-    roles = {HOME_CARE: "hemtjanst", NIGHT: "hemtjanst-natt", REHAB: "rehab"}
-    return [CareParty(roles[h], h) for h in hsa]
 
 
 async def recipients(db: Database, message_id: str) -> dict[str, tuple[str | None, str | None]]:
@@ -90,3 +85,48 @@ async def test_migrations_match_the_tables(db: Database) -> None:
         differences = await conn.run_sync(diff)
     # SQLite reports no comments; index and column differences count everywhere.
     assert [d for d in differences if "comment" not in str(d[0])] == []
+
+
+async def test_a_merge_joins_the_prior_identity_and_tells_whoever_knew_it(db: Database) -> None:
+    """ADT^A40: the patient was admitted on a reservnummer; the merge moves that history to
+    the personnummer and reaches every party that had a notice about either identity."""
+    pipeline = Pipeline(db)
+    reserv = parse_reservnummer("RES-0042-2026")
+    unknown = canonical(41, encounter_id="V9", parties=parties(HOME_CARE, REHAB))
+    unknown.patient_ids[:] = [reserv]
+    first = await pipeline.run(unknown, "MRG-1")
+    known = await pipeline.run(
+        canonical(42, event=LusEvent.PLANERINGSUNDERLAG, parties=parties(NIGHT)), "MRG-2"
+    )
+    merge = canonical(42, event=LusEvent.PATIENTSAMMANSLAGNING, parties=[])
+    merge.replaces_ids.append(reserv)
+    merged = await pipeline.run(merge, "MRG-3")
+
+    assert set(await recipients(db, merged)) == {CLINIC, HOME_CARE, REHAB, NIGHT}
+    async with db.read() as conn:
+        keys = dict((await conn.execute(select(messages.c.id, messages.c.patient_key))).all())
+        roles = dict(
+            (
+                await conn.execute(
+                    select(deliveries.c.recipient_hsa_id, deliveries.c.for_information).where(
+                        deliveries.c.message_id == merged
+                    )
+                )
+            ).all()
+        )
+    assert keys[first] == keys[known] == keys[merged]  # one history now
+    assert all(roles.values())  # för kännedom
+    async with db.read() as conn:
+        notices = {n["message_id"]: n for n in await inbox.list_notices(conn, HOME_CARE)}
+    assert notices[merged]["patient"]["replaces"] == ["RES-0042-2026"]
+    assert notices[merged]["event_display"] == "Patientsammanslagning"
+
+    # A patient nobody has heard of and the message names nobody: no one to tell.
+    lone = replace(
+        canonical(43, event=LusEvent.PATIENTSAMMANSLAGNING, parties=[]),
+        listed_clinic=None,
+        replaces_ids=[parse_reservnummer("RES-0043-2026")],
+    )
+    lone_id = await pipeline.run(lone, "MRG-4")
+    assert await recipients(db, lone_id) == {}
+    assert await pipeline.status(lone_id) == "unroutable"

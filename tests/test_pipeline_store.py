@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-import pytest
 from aiokafka.structs import ConsumerRecord
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -14,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway import clock
 from gateway.bus import topics
 from gateway.bus.topics import Event
+from gateway.crypto import columns
 from gateway.pipeline import ledger
 from gateway.pipeline.consent import accepted_event
 from gateway.pipeline.ledger import State
@@ -21,25 +20,8 @@ from gateway.pipeline.reconciler import Reconciler
 from gateway.pipeline.stage import Stage, StageRunner
 from gateway.store.db import Database
 from gateway.store.tables import deliveries, messages, outbox, processed_events
+from tests.conftest import FixedClock
 from tests.inprocess import HOME_CARE, KEYER, Pipeline, canonical
-
-
-class FixedClock:
-    def __init__(self, at: datetime) -> None:
-        self.at = at
-
-    def now(self) -> datetime:
-        return self.at
-
-
-@pytest.fixture
-def fixed_clock() -> Iterator[FixedClock]:
-    original = clock.clock
-    clock.clock = fixed = FixedClock(datetime(2026, 11, 23, 8, 0, tzinfo=UTC))
-    try:
-        yield fixed
-    finally:
-        clock.clock = original
 
 
 async def _outbox_events(db: Database, topic: str) -> list[Event]:
@@ -150,6 +132,7 @@ class Exploding(Stage):
 
 
 def _record(event: Event) -> ConsumerRecord:  # type: ignore[type-arg]
+    """The record as the relay publishes it: sealed for its topic and key."""
     return ConsumerRecord(
         topic=topics.EVENTS,
         partition=0,
@@ -157,7 +140,7 @@ def _record(event: Event) -> ConsumerRecord:  # type: ignore[type-arg]
         timestamp=0,
         timestamp_type=0,
         key=b"k",
-        value=event.to_json().encode(),
+        value=topics.seal_record(columns.current(), topics.EVENTS, "k", event.to_json()),
         checksum=None,
         serialized_key_size=1,
         serialized_value_size=1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from hypothesis import given, settings
@@ -237,3 +237,54 @@ async def test_send_times_out_without_an_answer() -> None:
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+async def _pipeline(
+    handler: Callable[[bytes], Awaitable[bytes]], payloads: list[bytes], expect: int
+) -> tuple[list[bytes], bool]:
+    """Serve ``handler``; write all frames in one write; read until ``expect`` answers or the
+    server closes. Returns the answers and whether the server closed."""
+    srv = await serve("127.0.0.1", 0, handler)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+        writer.write(b"".join(frame(p) for p in payloads))
+        await writer.drain()
+        framer, acks, closed = Framer(), list[bytes](), False
+        while len(acks) < expect:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                closed = True
+                break
+            acks += framer.feed(data)
+        writer.close()
+        return acks, closed
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_pipelined_frames_run_together_and_are_answered_in_order() -> None:
+    running: list[int] = []
+    peak = [0]
+
+    async def slow_first(payload: bytes) -> bytes:
+        n = int(payload)
+        running.append(n)
+        peak[0] = max(peak[0], len(running))
+        await asyncio.sleep(0.05 * (4 - n))  # the first finishes last
+        running.remove(n)
+        return b"ACK %d" % n
+
+    acks, _ = await _pipeline(slow_first, [b"1", b"2", b"3"], 3)
+    assert acks == [b"ACK 1", b"ACK 2", b"ACK 3"]
+    assert peak[0] == 3  # handled concurrently, not one after another
+
+
+async def test_a_failing_frame_among_pipelined_ones_stops_the_answers_there() -> None:
+    async def second_fails(payload: bytes) -> bytes:
+        if payload == b"2":
+            raise RuntimeError("boom")
+        return b"ACK " + payload
+
+    acks, closed = await _pipeline(second_fails, [b"1", b"2", b"3"], 3)
+    assert acks == [b"ACK 1"] and closed  # no answer for 2, none out of order for 3

@@ -80,6 +80,20 @@ class TakeCareListener:
         return out
 
 
+def reporting_gateway(
+    tmp_path: Path, database_url: str, broker: Broker, takecare: TakeCareListener
+) -> GatewayProcess:
+    """A gateway that sends its receipts to ``takecare`` (retrying every 0.3 s)."""
+    return GatewayProcess(
+        tmp_path / "gw",
+        database_url,
+        broker.bootstrap,
+        BRYGGA_TAKECARE_RECEIPTS_HOST="127.0.0.1",
+        BRYGGA_TAKECARE_RECEIPTS_PORT=str(takecare.port),
+        BRYGGA_TAKECARE_RETRY_SECONDS="0.3",
+    )
+
+
 @pytest.fixture
 def takecare() -> Iterator[TakeCareListener]:
     with TakeCareListener() as listener:
@@ -89,14 +103,7 @@ def takecare() -> Iterator[TakeCareListener]:
 def test_receipts_reach_takecare_in_order_with_retry(
     tmp_path: Path, database_url: str, broker: Broker, takecare: TakeCareListener
 ) -> None:
-    gw = GatewayProcess(
-        tmp_path / "gw",
-        database_url,
-        broker.bootstrap,
-        BRYGGA_TAKECARE_RECEIPTS_HOST="127.0.0.1",
-        BRYGGA_TAKECARE_RECEIPTS_PORT=str(takecare.port),
-        BRYGGA_TAKECARE_RETRY_SECONDS="0.3",
-    )
+    gw = reporting_gateway(tmp_path, database_url, broker, takecare)
     gw.start()
     try:
         pnr = personnummer(900)

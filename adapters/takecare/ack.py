@@ -36,7 +36,7 @@ ERROR_TEXT: dict[int, str] = {
 }
 
 
-def _esc(value: str) -> str:
+def escape(value: str) -> str:
     """Escape a value for the standard delimiters |^~\\& (the ACK always uses them)."""
     if not any(c in value for c in "|^~\\&\r\n"):
         return value
@@ -86,15 +86,15 @@ def build_ack(
     msh = [
         "MSH",
         "^~\\&",
-        _esc(h.receiving_application),
-        _esc(h.receiving_facility),
-        _esc(h.sending_application),
-        _esc(h.sending_facility),
+        escape(h.receiving_application),
+        escape(h.receiving_facility),
+        escape(h.sending_application),
+        escape(h.sending_facility),
         datetime.now(STOCKHOLM).strftime("%Y%m%d%H%M%S%z"),
         "",
-        f"ACK^{_esc(trigger)}^ACK" if trigger else "ACK",
-        _esc(ack_control_id),
-        _esc(h.processing_id) or "P",
+        f"ACK^{escape(trigger)}^ACK" if trigger else "ACK",
+        escape(ack_control_id),
+        escape(h.processing_id) or "P",
         version,
         "",
         "",
@@ -104,7 +104,7 @@ def build_ack(
         charset if h.charset else "",
     ]
     detail = text or (error.text if error else "")
-    msa = ["MSA", ack_code, _esc(h.control_id), _esc(detail)]
+    msa = ["MSA", ack_code, escape(h.control_id), escape(detail)]
     segments = [_join(msh, "|"), _join(msa, "|")]
     if error is not None:
         segments.append(_err(error, version))
@@ -129,7 +129,7 @@ def _err(error: Hl7Rejection, version: str) -> str:
     eld = ""
     if version in _ELD_VERSIONS:
         eld = _join([error.segment, str(error.sequence), field, f"{code}&{desc}&HL70357"], "^")
-    err = ["ERR", eld, location, f"{code}^{desc}^HL70357", "E", "", "", "", _esc(error.text)]
+    err = ["ERR", eld, location, f"{code}^{desc}^HL70357", "E", "", "", "", escape(error.text)]
     return _join(err, "|")
 
 

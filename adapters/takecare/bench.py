@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -37,7 +36,6 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any
-from zoneinfo import ZoneInfo
 
 import hl7
 import typer
@@ -45,14 +43,14 @@ from rich.console import Console
 from rich.table import Table
 
 from adapters.takecare import mllp
-from gateway.bus.broker import free_port
+from gateway.bus.broker import free_port, kill_with_parent
+from gateway.clock import STOCKHOLM
 from gateway.demo import admission
 from gateway.model.identifiers import synthetic_personnummer as personnummer
 from mappings import MAPPINGS_DIR
 
 app = typer.Typer(help="Benchmarks; print figures and ratios.", no_args_is_help=True)
 
-STOCKHOLM = ZoneInfo("Europe/Stockholm")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 HOST = "127.0.0.1"
 ADAPTER_TARGET = 2000.0  # ADT messages/s per core, parse + map
@@ -62,6 +60,9 @@ REFERENCE_HL7_RATE = 3500.0
 RATIO_TARGET = 0.5  # gateway accept rate / bare MLLP server rate
 P99_TARGET_MS = 25.0  # p99 ACK latency at the fixed rate (500 msg/s)
 ACK_TIMEOUT = 30.0  # seconds; a server that does not answer in this long has failed
+# A command to run the gateway under, for profiling it where it runs, e.g.
+# BRYGGA_BENCH_PROFILER="py-spy record -r 250 -f raw -o /tmp/gateway.txt --"
+_PROFILER = os.environ.get("BRYGGA_BENCH_PROFILER", "").split()
 
 _PLACEHOLDER = "XCIDX"  # stands for MSH-10 in message templates
 _FAMILIES = ("Andersson", "Johansson", "Karlsson", "Nilsson", "Eriksson", "Larsson", "Öberg")
@@ -284,9 +285,16 @@ def bare(
     port: Annotated[int, typer.Option(help="Loopback port to listen on.")],
     host: Annotated[str, typer.Option(help="Address to bind.")] = HOST,
 ) -> None:
-    """The bare reference server: parse with ``hl7``, answer AA, store nothing."""
+    """The bare reference server: parse with ``hl7``, answer AA, store nothing.
+
+    It runs on the same event loop as the gateway (uvloop by default), so the ratio compares
+    the work done per message, not the loops.
+    """
+    from gateway.cli import run_loop
+    from gateway.settings import Settings
+
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_bare(host, port))
+        run_loop(serve_bare(host, port), Settings().event_loop)
 
 
 # --------------------------------------------------------------------------- load generator
@@ -493,12 +501,6 @@ async def open_loop(
 # --------------------------------------------------------------------------- B: processes
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """A killed bench leaves no server behind (Linux: PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-
-
 def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as out:
         return subprocess.Popen(
@@ -507,7 +509,7 @@ def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=kill_with_parent,
             start_new_session=True,  # Ctrl-C reaches the bench, which stops its children
         )
 
@@ -756,7 +758,9 @@ def run_accept(
         }
         say(f"B: gateway (worker --stages {stages}) on MLLP port {mllp_port} ...")
         gw_proc = _spawn(
-            [sys.executable, "-m", "gateway", "worker", "--stages", stages], gw_env, gw_log
+            [*_PROFILER, sys.executable, "-m", "gateway", "worker", "--stages", stages],
+            gw_env,
+            gw_log,
         )
         procs.append(gw_proc)
         asyncio.run(_wait_ready(http_port, gw_proc, gw_log, 120))
@@ -794,7 +798,7 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for dist in ("hl7", "hl7apy", "fhir.resources", "asyncpg", "sqlalchemy"):
+    for dist in ("hl7", "hl7apy", "fhir.resources", "asyncpg", "sqlalchemy", "uvloop"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -803,10 +807,24 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count() or 0,
         "cpu": model or platform.processor() or "unknown",
         "python": platform.python_version(),
+        "event_loop": _event_loop(),
         "platform": platform.platform(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "packages": versions,
     }
+
+
+def _event_loop() -> str:
+    """The loop both servers run on (the gateway's setting, as the bare server reads it)."""
+    from gateway.settings import Settings
+
+    kind = Settings().event_loop
+    if kind == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            return "asyncio (uvloop not installed)"
+    return kind
 
 
 def _fmt(x: float | None, digits: int = 0) -> str:
@@ -885,7 +903,8 @@ def render(
     """Print the tables people read."""
     console.print(
         f"[bold]brygga bench takecare[/]  {info['cores']} cores ({info['cpu']}), "
-        f"Python {info['python']}, load average {info['load_average']}, "
+        f"Python {info['python']}, {info['event_loop']} event loop, "
+        f"load average {info['load_average']}, "
         f"{seconds:g} s per measurement",
         highlight=False,
     )

@@ -21,17 +21,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from urllib.parse import quote
-from zoneinfo import ZoneInfo
 
 import structlog
 
 from adapters.takecare.mapping import (
+    MIME,
     EventRule,
     ProtectedRule,
     TakeCareMapping,
     load_mapping,
 )
 from adapters.takecare.mapping import codec_for as _codec_for
+from gateway.clock import STOCKHOLM
 from gateway.model.bundle import (
     Attachment,
     CanonicalMessage,
@@ -67,7 +68,6 @@ __all__ = [
     "present_fields",
 ]
 
-STOCKHOLM = ZoneInfo("Europe/Stockholm")
 log = structlog.get_logger(__name__)
 
 
@@ -745,7 +745,6 @@ _ICD10 = re.compile(r"^[A-Z][0-9][0-9A-Z](\.?[0-9A-Z]{1,4})?$")
 _ATC = re.compile(r"^[A-Z]([0-9]{2}([A-Z]([A-Z]([0-9]{2})?)?)?)?$")
 _DECIMAL = re.compile(r"^[+-]?[0-9]+(\.[0-9]+)?$", re.ASCII)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s]+$")
-_MIME = re.compile(r"^[a-z]+/[a-z0-9.+-]+$")
 ATC_SYSTEM = "http://www.whocc.no/atc"
 TEXT_PLAIN = "text/plain; charset=utf-8"
 
@@ -842,7 +841,7 @@ def _mime(values: tuple[str, ...], seq: int, mapping: TakeCareMapping) -> str:
     for value in values:
         if not value:
             continue
-        if "/" in value and _MIME.match(value.lower()):
+        if "/" in value and MIME.match(value.lower()):
             return value.lower()
         hit = mapping.mime_types.get(value.upper())
         if hit:

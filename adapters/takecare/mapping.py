@@ -69,7 +69,7 @@ _FIELD_REF = re.compile(r"^([A-Z][A-Z0-9]{2})-([1-9][0-9]?)$")
 _SEGMENT_KEY = re.compile(
     r"^(?:([A-Z]{3}(?:\^[A-Z0-9]{3})?):)?([A-Z][A-Z0-9]{2})(?:-([1-9][0-9]?))?$"
 )
-_MIME = re.compile(r"^[a-z]+/[a-z0-9.+-]+$")
+MIME = re.compile(r"^[a-z]+/[a-z0-9.+-]+$")
 REJECT = "reject"
 
 
@@ -125,7 +125,6 @@ class TakeCareMapping:
     """The code maps of ``mappings/takecare/``, validated when loaded."""
 
     versions: frozenset[str]
-    events: dict[str, LusEvent]  # unconditional rules only, kept for callers that list them
     charsets: dict[str, str]
     authorities: dict[str, IdentifierKind]
     type_codes: dict[str, IdentifierKind]
@@ -135,7 +134,6 @@ class TakeCareMapping:
     consent_basis: dict[str, str]
     protected: tuple[ProtectedRule, ...]
     facilities: dict[str, tuple[str, str]]  # code -> (hsa_id, name)
-    segments: frozenset[str] = frozenset()  # every segment some message type reads
     rules: dict[str, EventRule] = field(default_factory=dict)  # "ADT^A01" -> rule
     facility_rules: dict[str, dict[str, EventRule]] = field(default_factory=dict)
     messages: dict[str, MessageSpec] = field(default_factory=dict)  # "ADT", "ADT^A40"
@@ -321,7 +319,6 @@ def load_mapping(directory: Path = DEFAULT_DIR) -> TakeCareMapping:
     rx = adt.get("medication", {})
     mapping = TakeCareMapping(
         versions=frozenset(adt["msh"]["versions"]),
-        events={k: r.event for k, r in rules.items() if r.event and not r.by and not r.if_absent},
         charsets=_upper_keys(adt["charsets"]),
         authorities={k: kinds[v] for k, v in pid3.get("authorities", {}).items()},
         type_codes={k.upper(): kinds[v] for k, v in pid3.get("type_codes", {}).items()},
@@ -331,7 +328,6 @@ def load_mapping(directory: Path = DEFAULT_DIR) -> TakeCareMapping:
         consent_basis=_upper_keys(adt["consent_basis"]),
         protected=protected,
         facilities=facilities,
-        segments=frozenset().union(*(s.read for s in messages.values())),
         rules=rules,
         facility_rules=facility_rules,
         messages=messages,
@@ -374,7 +370,7 @@ def _validate(mapping: TakeCareMapping) -> None:
     _check(set(mapping.document_status.values()), _DOC_STATUS, "[document_status]")
     _check(set(mapping.provider_roles.values()), {"referred-to", "ignore"}, "[provider_roles]")
     _check(set(mapping.referral_priority.values()), _PRIORITIES, "[priority]")
-    bad_mime = {m for m in mapping.mime_types.values() if not _MIME.match(m)}
+    bad_mime = {m for m in mapping.mime_types.values() if not MIME.match(m)}
     if bad_mime:
         raise ValueError(f"mappings/takecare: [mime_types]: not MIME types {sorted(bad_mime)}")
     if mapping.diagnosis_default_system and (

@@ -107,7 +107,7 @@ async def serve(
     ssl: SSLContext | None = None,
 ) -> asyncio.Server:
     """Listen for MLLP (over TLS when ``ssl`` is given); one task per connection, frames
-    answered in arrival order.
+    answered in arrival order; frames that arrive together are handled concurrently.
 
     ``handler`` gets the payload and returns the complete ACK message, which is framed
     here. A handler error closes the connection without an answer, so the sender resends.
@@ -121,8 +121,19 @@ async def serve(
                 data = await asyncio.wait_for(reader.read(_READ), idle_timeout)
                 if not data:
                     break
-                for payload in framer.feed(data):
-                    writer.write(frame(await handler(payload)))
+                payloads = framer.feed(data)
+                if len(payloads) == 1:
+                    writer.write(frame(await handler(payloads[0])))
+                elif payloads:
+                    # Pipelined frames are handled together (intake commits them as one
+                    # group) and answered in their order; a failure stops the answers there.
+                    answers = await asyncio.gather(
+                        *(handler(p) for p in payloads), return_exceptions=True
+                    )
+                    for answer in answers:
+                        if isinstance(answer, BaseException):
+                            raise answer
+                        writer.write(frame(answer))
                 await writer.drain()
         except TimeoutError:
             log.info("mllp.idle_timeout", peer=peer, seconds=idle_timeout)

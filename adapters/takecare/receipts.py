@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Coroutine
 from datetime import datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import structlog
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,11 +26,12 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from adapters.takecare import mllp
-from adapters.takecare.ack import build_ack, parse_ack
+from adapters.takecare.ack import build_ack, escape, parse_ack
 from adapters.takecare.hl7in import Hl7Rejection, parse
 from gateway import clock
 from gateway.bus import topics
 from gateway.bus.topics import Event
+from gateway.clock import STOCKHOLM
 from gateway.logs import error_fields
 from gateway.model.bundle import read_bundle
 from gateway.pipeline.stage import Stage
@@ -42,8 +42,9 @@ from gateway.store.tables import deliveries, messages, receipt_events, source_no
 
 log = structlog.get_logger("brygga.takecare.receipts")
 CHANNEL = "takecare-oru"
-STOCKHOLM = ZoneInfo("Europe/Stockholm")
 REPORTED = {
+    "held": "Väntar på samtycke",
+    "denied": "Utlämnas inte: spärr eller återkallat samtycke",
     "delivered": "Levererad",
     "read": "Läst",
     "acknowledged": "Kvitterad",
@@ -68,9 +69,8 @@ class ReceiptSettings(BaseSettings):
 
 
 def _esc(value: str) -> str:
-    """HL7 v2 escaping of text placed in a field."""
-    out = value.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\")
-    return out.replace("~", "\\R\\").replace("&", "\\T\\").replace("\r", " ").replace("\n", " ")
+    """HL7 v2 escaping of text placed in a field; line breaks become spaces."""
+    return escape(value.replace("\r", " ").replace("\n", " "))
 
 
 def _ts(at: datetime) -> str:

@@ -29,6 +29,14 @@ def _enhanced(header: MshHeader) -> bool:
     return header.accept_ack_type in ("AL", "SU", "ER")
 
 
+_COMMIT_LEVEL = {"AA": "CA", "AE": "CE", "AR": "CR"}
+
+
+def _ack_code(code: str, enhanced: bool) -> str:
+    """Original mode answers AA/AE/AR; enhanced mode answers at the accept level, CA/CE/CR."""
+    return _COMMIT_LEVEL[code] if enhanced else code
+
+
 class TakeCareSource:
     name = "takecare-mllp"
 
@@ -62,9 +70,7 @@ class TakeCareSource:
             inbound = parse(raw)
         except Hl7Rejection as rejection:
             # Enhanced mode answers at the accept level: AR/AE become CR/CE.
-            code = rejection.ack_code
-            if _enhanced(rejection.header):
-                code = {"AR": "CR", "AE": "CE"}.get(code, code)
+            code = _ack_code(rejection.ack_code, _enhanced(rejection.header))
             log.info(
                 "takecare.rejected",
                 ack=code,
@@ -91,13 +97,13 @@ class TakeCareSource:
                 raw=raw,
                 message=inbound.canonical,
                 answer=lambda message_id: build_ack(
-                    inbound, "CA" if enhanced else "AA", ack_control_id=message_id
+                    inbound, _ack_code("AA", enhanced), ack_control_id=message_id
                 ),
             )
         except Exception as exc:
             log.error("takecare.store_failed", control_id=inbound.control_id, **error_fields(exc))
             failure = Hl7Rejection(
-                ack_code="CE" if enhanced else "AE",
+                ack_code=_ack_code("AE", enhanced),
                 segment="MSH",
                 sequence=1,
                 field=None,

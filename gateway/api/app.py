@@ -6,10 +6,17 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.api import routes_inbox, routes_ops
+from gateway.api import routes_audit, routes_consent, routes_inbox, routes_ops
 from gateway.api.auth import TokenKeys
+from gateway.bus.keys import PatientKeyer
 from gateway.logs import error_fields
 from gateway.store.db import Database
 
@@ -20,17 +27,47 @@ Brygga moves discharge-coordination messages (LUS) between hospital, primary car
 municipality, and proves per recipient how far each got.
 
 Authenticate with a bearer token: `brygga token --org HSA-ID --role staff` (inbox) or
-`--role ops` (ledger).
+`--role ops` (ledger), `--role integration` (FHIR Consent, for the hospital's systems) or
+`--role auditor` (audit trail). Every read of patient data is recorded in the audit trail
+with the token's name, organisation and role.
 """
 
 
-def create_app(db: Database, token_keys: TokenKeys, readiness: Callable[[], list[str]]) -> FastAPI:
+def create_app(
+    db: Database,
+    token_keys: TokenKeys,
+    readiness: Callable[[], list[str]],
+    keyer: PatientKeyer | None = None,
+) -> FastAPI:
+    """``keyer``: the patient HMAC secret, to find a patient's consents and audit entries by
+    identity number; without it those endpoints answer 503."""
     app = FastAPI(title="Brygga", version="0.1.0", description=DESCRIPTION)
     app.state.db = db
     app.state.token_keys = token_keys
     app.state.readiness = readiness
+    app.state.keyer = keyer
     app.include_router(routes_inbox.router)
     app.include_router(routes_ops.router)
+    app.include_router(routes_consent.router)
+    app.include_router(routes_audit.router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FHIR clients read errors as OperationOutcome; the rest of the API keeps "detail".
+        if request.url.path.startswith("/fhir"):
+            code = {401: "login", 403: "forbidden", 404: "not-found"}.get(exc.status_code)
+            return routes_consent.outcome(
+                exc.status_code, request.url.path, str(exc.detail), code or "processing"
+            )
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        if request.url.path.startswith("/fhir"):
+            first = exc.errors()[0] if exc.errors() else {}
+            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+            return routes_consent.outcome(400, where, str(first.get("msg", "invalid request")))
+        return await request_validation_exception_handler(request, exc)
 
     @app.middleware("http")
     async def no_leaks(

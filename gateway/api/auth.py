@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Annotated
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway import clock
+from gateway.audit import AuditEntry
+from gateway.keyfiles import ed25519_private_key
 from gateway.model.identifiers import is_hsa_id
 
 ISSUER = "brygga"
@@ -30,6 +31,22 @@ class Caller:
     org: str
     role: str
     name: str
+
+    def audit_entry(
+        self, action: str, purpose: str, patient_key: str, subject: str, detail: str = ""
+    ) -> AuditEntry:
+        """What this caller did, for the audit trail (the person is the token's name, or
+        its subject when the token has none)."""
+        return AuditEntry(
+            actor=self.name or f"{self.role}@{self.org}",
+            actor_org=self.org,
+            role=self.role,
+            action=action,
+            purpose=purpose,
+            patient_key=patient_key,
+            subject=subject,
+            detail=detail,
+        )
 
 
 class TokenKeys:
@@ -46,18 +63,7 @@ class TokenKeys:
                 f"no token signing key at {path}: run this where the gateway runs, or set "
                 "BRYGGA_DATA_DIR to the gateway's data directory"
             )
-        if not path.exists():
-            keys_dir.mkdir(parents=True, exist_ok=True)
-            pem = Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            path.write_bytes(pem)
-            path.chmod(0o600)
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        assert isinstance(key, Ed25519PrivateKey)
-        return cls(key)
+        return cls(ed25519_private_key(path, create=True))
 
     def issue(self, org: str, role: str, name: str = "", hours: float = 8) -> str:
         if not is_hsa_id(org):

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, Field
 
+from gateway import audit
 from gateway.api.auth import Caller, require_role
 from gateway.api.openapi import example
 from gateway.pipeline import inbox
@@ -28,6 +29,7 @@ EXAMPLE_ITEM = {
         "name": "Tolvan Tolvansson",
         "identifier": "191212121212",
         "protected_identity": False,
+        "replaces": [],
     },
     "received_at": "2026-11-23T08:15:02.123456+00:00",
     "state": "delivered",
@@ -48,8 +50,13 @@ class Acknowledgement(BaseModel):
 )
 async def list_inbox(request: Request, who: Staff) -> list[dict[str, Any]]:
     """Newest first. Patients with protected identity are listed without name or number."""
-    async with request.app.state.db.read() as conn:
-        return await inbox.list_notices(conn, who.org)
+    async with request.app.state.db.transaction() as conn:
+        listed = await inbox.list_notices_keyed(conn, who.org)
+        entries = [
+            who.audit_entry("inbox.list", audit.PURPOSE_LUS, key, n["id"]) for key, n in listed
+        ]
+        await audit.record_many(conn, entries)
+    return [notice for _, notice in listed]
 
 
 @router.get(
@@ -65,6 +72,11 @@ async def open_notice(request: Request, notice_id: str, who: Staff) -> dict[str,
     actor = Actor(name=who.name, role=who.role, org=who.org)
     async with request.app.state.db.transaction() as conn:
         notice = await inbox.open_notice(conn, who.org, notice_id, actor)
+        if notice is not None:
+            entry = who.audit_entry(
+                "message.read", audit.PURPOSE_LUS, notice.patient_key, notice_id
+            )
+            await audit.record(conn, entry)
     if notice is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
     return {**notice.summary, "bundle": notice.bundle}
@@ -100,6 +112,11 @@ async def acknowledge(
         if result is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
         receipts = await inbox.receipts_of(conn, notice_id)
+        done_by = f"{'kvitterat' if result[1] else 'redan kvitterat'} av {body.name} ({body.role})"
+        entry = who.audit_entry(
+            "message.acknowledge", audit.PURPOSE_LUS, result[0].patient_key, notice_id, done_by
+        )
+        await audit.record(conn, entry)
     return {
         "id": notice_id,
         "acknowledged": True,

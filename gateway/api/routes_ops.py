@@ -7,9 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse
 
+from gateway import audit
 from gateway.api.auth import Caller, require_role
 from gateway.api.openapi import example
-from gateway.pipeline.views import find_message_id, message_ledger
+from gateway.pipeline.views import find_message_id, message_ledger, patient_key_of
 
 router = APIRouter(tags=["operations"])
 Ops = Annotated[Caller, Depends(require_role("ops", "integration"))]
@@ -61,8 +62,12 @@ EXAMPLE_LEDGER = {
 )
 async def get_message(request: Request, message_id: str, who: Ops) -> dict[str, Any]:
     """Pipeline status, consent decision and, per recipient, every receipt with its time."""
-    async with request.app.state.db.read() as conn:
+    async with request.app.state.db.transaction() as conn:
         ledger = await message_ledger(conn, message_id)
+        if ledger is not None:
+            key = await patient_key_of(conn, message_id) or ""
+            entry = who.audit_entry("message.ledger", audit.PURPOSE_OPERATIONS, key, message_id)
+            await audit.record(conn, entry)
     if ledger is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No message with this id.")
     return ledger

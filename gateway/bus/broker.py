@@ -26,7 +26,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+def kill_with_parent() -> None:  # pragma: no cover - runs in the child
+    """A child process the kernel kills when its parent dies (Linux: PR_SET_PDEATHSIG)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
@@ -56,7 +57,7 @@ def spawn(port: int, log_path: Path, *, die_with_parent: bool = True) -> subproc
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if die_with_parent else None,
+            preexec_fn=kill_with_parent if die_with_parent else None,
             start_new_session=True,  # Ctrl-C reaches the gateway, which stops the broker
         )
 

@@ -11,6 +11,8 @@ import hmac
 import secrets
 from pathlib import Path
 
+from gateway.keyfiles import create_exclusive
+
 
 class PatientKeyer:
     def __init__(self, secret: bytes) -> None:
@@ -26,7 +28,6 @@ class PatientKeyer:
     def from_file(cls, path: Path) -> PatientKeyer:
         """Load the secret, creating it (readable by the owner only) on first start."""
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(secrets.token_bytes(32))
-            path.chmod(0o600)
+            # Exclusive: two processes starting together end up with one secret.
+            create_exclusive(path, secrets.token_bytes(32))
         return cls(path.read_bytes())

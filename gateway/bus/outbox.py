@@ -14,33 +14,45 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from sqlalchemy import Row, Select, select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import clock
-from gateway.bus.topics import Event
+from gateway.bus.topics import Event, seal_record
+from gateway.crypto.columns import FieldCipher
 from gateway.logs import error_fields
 from gateway.store.db import Database
 from gateway.store.tables import outbox
 
 log = structlog.get_logger("brygga.relay")
 BATCH = 500
-GATHER_SECONDS = 0.005
+GATHER_SECONDS = 0.02
+
+
+_INSERT = outbox.insert()  # one statement object: SQLAlchemy compiles and caches it once
+
+
+def outbox_row(topic: str, key: str, event: Event) -> dict[str, Any]:
+    """The parameters of one outbox row, for callers that insert many at once."""
+    return {"topic": topic, "key": key, "payload": event.to_json(), "created_at": clock.now()}
 
 
 async def enqueue(conn: AsyncConnection, topic: str, key: str, event: Event) -> None:
-    await conn.execute(
-        outbox.insert().values(
-            topic=topic, key=key, payload=event.to_json(), created_at=clock.now()
-        )
-    )
+    await conn.execute(_INSERT, outbox_row(topic, key, event))
 
 
 class Relay:
     """Publishes the outbox. Wakes on every local commit; polls for other processes' rows."""
 
-    def __init__(self, db: Database, producer: AIOKafkaProducer, poll_seconds: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        producer: AIOKafkaProducer,
+        poll_seconds: float,
+        cipher: FieldCipher,
+    ) -> None:
         self.db = db
+        self.cipher = cipher
         self.producer = producer
         self.poll_seconds = poll_seconds
         self._wake = asyncio.Event()
@@ -77,14 +89,14 @@ class Relay:
         """
         if self.db.is_sqlite:
             async with self.db.read() as conn:
-                rows = (await conn.execute(_pending())).all()
+                rows = (await conn.execute(_PENDING)).all()
             if rows:
                 await self._send(rows)
                 async with self.db.transaction() as conn:
                     await _mark(conn, rows)
         else:
             async with self.db.transaction() as conn:
-                rows = (await conn.execute(_pending().with_for_update())).all()
+                rows = (await conn.execute(_PENDING.with_for_update())).all()
                 if rows:
                     await self._send(rows)
                     await _mark(conn, rows)
@@ -92,19 +104,22 @@ class Relay:
         return len(rows)
 
     async def _send(self, rows: Sequence[Row[Any]]) -> None:
+        """Send sealed: the outbox row holds the event in the clear (ids and states only)."""
         futures = [
-            await self.producer.send(r.topic, r.payload.encode(), key=r.key.encode()) for r in rows
+            await self.producer.send(
+                r.topic, seal_record(self.cipher, r.topic, r.key, r.payload), key=r.key.encode()
+            )
+            for r in rows
         ]
         await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
 
 
-def _pending() -> Select[Any]:
-    return (
-        select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload)
-        .where(outbox.c.published_at.is_(None))
-        .order_by(outbox.c.id)
-        .limit(BATCH)
-    )
+_PENDING = (
+    select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload)
+    .where(outbox.c.published_at.is_(None))
+    .order_by(outbox.c.id)
+    .limit(BATCH)
+)
 
 
 async def _mark(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> None:

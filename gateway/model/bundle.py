@@ -8,10 +8,13 @@ gateway knows how the Bundle is laid out.
 from __future__ import annotations
 
 import functools
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from gateway.model.events import LUS_EVENT_SYSTEM, LusEvent
 from gateway.model.identifiers import HSA_SYSTEM, SYSTEMS, IdentifierKind, PatientId
@@ -464,10 +467,26 @@ def _referral(ref: Referral, sender_hsa_id: str) -> dict[str, Any]:
     return resource
 
 
+_URL_NAMESPACE = uuid.NAMESPACE_URL.bytes
+
+
 def _full_url(message_id: str, resource: dict[str, Any]) -> str:
-    """A stable ``urn:uuid`` per resource of this message (the same Bundle renders the same)."""
+    """A stable ``urn:uuid`` per resource of this message (the same Bundle renders the same).
+
+    Exactly ``uuid.uuid5(NAMESPACE_URL, name)``, computed without building UUID objects:
+    on the accept path that halves the cost of ``to_bundle``.
+    """
     name = f"{message_id}/{resource['resourceType']}/{resource['id']}"
-    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, name)}"
+    raw = bytearray(hashlib.sha1(_URL_NAMESPACE + name.encode()).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"urn:uuid:{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def bundle_json(bundle: dict[str, Any]) -> str:
+    """The Bundle as compact UTF-8 JSON text, as the store keeps it."""
+    return orjson.dumps(bundle).decode()
 
 
 def _consent(consent: ConsentBasis) -> dict[str, Any]:
@@ -515,7 +534,8 @@ class BundleView:
     prior_identifiers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
-def _resources(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def resources_by_ref(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A Bundle's resources by their ``Type/id`` reference."""
     return {
         f"{e['resource']['resourceType']}/{e['resource']['id']}": e["resource"]
         for e in bundle.get("entry", [])
@@ -531,7 +551,7 @@ def _hsa_of(org: dict[str, Any] | None) -> str:
 
 def read_bundle(bundle: dict[str, Any]) -> BundleView:
     """Read the facts the pipeline acts on back out of a canonical Bundle."""
-    res = _resources(bundle)
+    res = resources_by_ref(bundle)
     header = bundle["entry"][0]["resource"]
     patient = res.get("Patient/patient", {})
     parties: list[CareParty] = []

@@ -24,6 +24,7 @@ SYSTEMS: dict[IdentifierKind, str] = {
     IdentifierKind.SAMORDNINGSNUMMER: "http://electronichealth.se/identifier/samordningsnummer",
     IdentifierKind.RESERVNUMMER: "http://electronichealth.se/identifier/nationelltReservnummer",
 }
+KIND_BY_SYSTEM: dict[str, IdentifierKind] = {v: k for k, v in SYSTEMS.items()}
 HSA_SYSTEM = "urn:oid:1.2.752.29.4.19"
 
 # OIDs used by RIV-TA services and in HL7 v2 assigning authorities; accepted as synonyms.
@@ -107,6 +108,13 @@ def parse_reservnummer(raw: str) -> PatientId:
     if not _RESERV.match(value):
         raise InvalidIdentifier("reservnummer: 4-20 letters, digits or '-' expected")
     return PatientId(IdentifierKind.RESERVNUMMER, value)
+
+
+def parse_patient_id(kind: IdentifierKind, raw: str) -> PatientId:
+    """An identifier of the given kind: a reservnummer as it is, a number Luhn-checked."""
+    if kind is IdentifierKind.RESERVNUMMER:
+        return parse_reservnummer(raw)
+    return parse_identity_number(raw)
 
 
 def synthetic_personnummer(n: int) -> str:

@@ -35,6 +35,9 @@ class DeliveryContext:
 
 class Channel(Protocol):
     name: str
+    # May this channel carry notices about a patient with protected identity (skyddad
+    # folkbokföring, sekretessmarkering)? Never a channel that shows an address on paper.
+    protected_identity: bool
 
     async def deliver(self, conn: AsyncConnection, ctx: DeliveryContext) -> Outcome:
         """Hand the message to the recipient. Raise on a failure worth retrying."""
@@ -48,6 +51,7 @@ class InboxChannel:
     """
 
     name = "inbox"
+    protected_identity = True  # behind login; lists hide the name
 
     async def deliver(self, conn: AsyncConnection, ctx: DeliveryContext) -> Outcome:
         return Outcome(State.DELIVERED, "Tillgängligt i webbinkorgen")
@@ -60,9 +64,18 @@ class ChannelRegistry:
     def get(self, name: str) -> Channel | None:
         return self._channels.get(name)
 
-    def best(self, preferences: Iterable[str]) -> str | None:
-        """The first channel in the recipient's order of preference that is available here."""
-        return next((p for p in preferences if p in self._channels), None)
+    def best(self, preferences: Iterable[str], protected_identity: bool = False) -> str | None:
+        """The first channel in the recipient's order of preference that is available here
+        (and, for a patient with protected identity, approved for it)."""
+        return next(
+            (
+                p
+                for p in preferences
+                if p in self._channels
+                and (not protected_identity or self._channels[p].protected_identity)
+            ),
+            None,
+        )
 
     @classmethod
     def discover(cls) -> ChannelRegistry:

@@ -1,13 +1,18 @@
-"""Consent stage (foundation form): decide on the basis the message itself carries.
+"""Consent stage: record the legal basis a message carries, then pass it on to routing.
 
-permit: the patient's consent (samtycke) or the physician's secrecy assessment
-(menprövning); deny: an objection (spärr); hold: no basis recorded yet. The full gate, with
-Consent resources, per-recipient scope and release of held messages, comes later.
+An admission notice carries the patient's consent, the physician's menprövning or the
+patient's objection (TakeCare's ZSC segment). That basis becomes a consent record for this
+stay (and may release deliveries of earlier messages that were held for want of one); a
+message without one relies on the records already there. The decision itself is made per
+recipient by the gate (:mod:`gateway.pipeline.gate`) when routing knows the recipients.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -16,17 +21,14 @@ from gateway import clock
 from gateway.bus import topics
 from gateway.bus.outbox import enqueue
 from gateway.bus.topics import Event
-from gateway.model.bundle import read_bundle
+from gateway.model.bundle import resources_by_ref
+from gateway.model.consent import ConsentRecord
+from gateway.model.identifiers import KIND_BY_SYSTEM, PatientId
+from gateway.pipeline import gate
 from gateway.pipeline.stage import Stage
 from gateway.store.tables import messages
 
-DECISIONS: dict[str | None, tuple[str, str]] = {
-    "samtycke": ("permit", "Patientens samtycke registrerat vid inskrivning"),
-    "menprovning": ("permit", "Läkarens menprövning: uppgifterna får lämnas ut"),
-    "sparr": ("deny", "Patienten har spärrat utlämnande"),
-    None: ("hold", "Väntar på samtycke"),
-}
-STATUS = {"permit": "permitted", "deny": "denied", "hold": "held"}
+_CONSENT_IDS = uuid.UUID("6d1b1c52-6a0e-4c39-9a7e-6f1f2f3b0c11")
 
 
 class ConsentStage(Stage):
@@ -37,32 +39,64 @@ class ConsentStage(Stage):
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         row = (
             await conn.execute(
-                select(messages.c.status, messages.c.canonical).where(
-                    messages.c.id == event.message_id
-                )
+                select(
+                    messages.c.status,
+                    messages.c.canonical,
+                    messages.c.episode_key,
+                    messages.c.received_at,
+                ).where(messages.c.id == event.message_id)
             )
         ).one()
         if row.status != "accepted":
             return
-        basis = read_bundle(json.loads(row.canonical)).consent_basis
-        decision, reason = DECISIONS.get(basis, DECISIONS[None])
+        record = carried_consent(
+            json.loads(row.canonical), event.message_id, row.received_at, row.episode_key
+        )
+        if record is not None:
+            await gate.store(
+                conn,
+                record,
+                patient_key=key,
+                source="message",
+                source_id=event.message_id,
+            )
         await conn.execute(
             update(messages)
             .where(messages.c.id == event.message_id)
-            .values(
-                status=STATUS[decision],
-                consent_decision=decision,
-                consent_reason=reason,
-                updated_at=clock.now(),
-            )
+            .values(status="permitted", updated_at=clock.now())
         )
-        if decision == "permit":
-            await enqueue(conn, topics.EVENTS, key, permitted_event(event.message_id))
-        else:
-            await announce_status(conn, key, event.message_id, STATUS[decision], reason)
+        await enqueue(conn, topics.EVENTS, key, permitted_event(event.message_id))
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
         await park_message(conn, event.message_id)
+
+
+def carried_consent(
+    bundle: dict[str, Any], message_id: str, received_at: datetime, episode_key: str | None
+) -> ConsentRecord | None:
+    """The consent record a message's own Consent resource stands for (that stay only)."""
+    resources = resources_by_ref(bundle)
+    consent = resources.get("Consent/consent")
+    patient = resources.get("Patient/patient") or {}
+    idents = patient.get("identifier") or []
+    if consent is None or not idents:
+        return None
+    pid = PatientId(KIND_BY_SYSTEM[idents[0]["system"]], str(idents[0]["value"]))
+    decided = consent.get("dateTime")
+    performer = next(
+        (str(p["identifier"]["value"]) for p in consent.get("performer", []) if "identifier" in p),
+        "",
+    )
+    return ConsentRecord(
+        id=str(uuid.uuid5(_CONSENT_IDS, message_id)),
+        patient=pid,
+        basis=consent["category"][0]["coding"][0]["code"],
+        status="active",
+        recorded_at=datetime.fromisoformat(decided) if decided else received_at,
+        purposes=(gate.PURPOSE,),
+        episode_key=episode_key,
+        performer_hsa_id=performer,
+    )
 
 
 async def announce_status(

@@ -72,6 +72,8 @@ def _summary(row: Any, bundle: dict[str, Any], *, in_list: bool) -> dict[str, An
             "name": PROTECTED if hide else view.patient_name,
             "identifier": PROTECTED if hide else view.patient_identifier,
             "protected_identity": view.protected_identity,
+            # A merge (patientsammanslagning): the identities this patient had before.
+            "replaces": [] if hide else [value for _, value in view.prior_identifiers],
         },
         "received_at": row.received_at.isoformat(),
         "state": row.state,
@@ -83,10 +85,17 @@ def _summary(row: Any, bundle: dict[str, Any], *, in_list: bool) -> dict[str, An
 
 
 async def list_notices(conn: AsyncConnection, org: str, limit: int = 200) -> list[dict[str, Any]]:
+    return [summary for _, summary in await list_notices_keyed(conn, org, limit)]
+
+
+async def list_notices_keyed(
+    conn: AsyncConnection, org: str, limit: int = 200
+) -> list[tuple[str, dict[str, Any]]]:
+    """(patient key, summary) of each notice, newest first; the key is for the audit trail."""
     rows = (
         await conn.execute(_visible(org).order_by(messages.c.received_at.desc()).limit(limit))
     ).all()
-    return [_summary(r, json.loads(r.canonical), in_list=True) for r in rows]
+    return [(r.patient_key, _summary(r, json.loads(r.canonical), in_list=True)) for r in rows]
 
 
 async def get_notice(conn: AsyncConnection, org: str, delivery_id: str) -> Notice | None:

@@ -24,12 +24,14 @@ from gateway.store.tables import deliveries, receipt_events
 
 class State(StrEnum):
     ACCEPTED = "accepted"
+    HELD = "held"  # the gate found no legal basis yet; released when one arrives
     ROUTED = "routed"
     DELIVERED = "delivered"
     READ = "read"
     ACKNOWLEDGED = "acknowledged"
     FAILED = "failed"
     PARKED = "parked"
+    DENIED = "denied"  # the gate refused: an objection or a withdrawn consent
 
     @property
     def rank(self) -> int:
@@ -37,7 +39,7 @@ class State(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in (State.ACKNOWLEDGED, State.FAILED, State.PARKED)
+        return self in (State.ACKNOWLEDGED, State.FAILED, State.PARKED, State.DENIED)
 
 
 _RANK = {s: i for i, s in enumerate(State)}

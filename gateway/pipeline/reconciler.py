@@ -22,9 +22,9 @@ from gateway.bus.outbox import enqueue
 from gateway.bus.topics import Event
 from gateway.logs import error_fields
 from gateway.pipeline.consent import accepted_event, permitted_event
+from gateway.pipeline.gate import delivery_event
 from gateway.pipeline.ledger import State
 from gateway.pipeline.receipts import TERMINAL
-from gateway.pipeline.routing import delivery_event
 from gateway.store.db import Database
 from gateway.store.tables import deliveries, messages, outbox, processed_events
 

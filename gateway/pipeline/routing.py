@@ -20,18 +20,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import clock
 from gateway.bus import topics
-from gateway.bus.outbox import enqueue
+from gateway.bus.keys import PatientKeyer
 from gateway.bus.topics import Event
 from gateway.directory import Directory
 from gateway.model.bundle import BundleView, read_bundle
+from gateway.model.consent import Decision, Outcome, decide
+from gateway.model.consent import Recipient as ConsentRecipient
 from gateway.model.events import LusEvent
-from gateway.pipeline import ledger
+from gateway.pipeline import gate, ledger
 from gateway.pipeline.channels import ChannelRegistry
 from gateway.pipeline.consent import announce_status, park_message
 from gateway.pipeline.ledger import State
 from gateway.pipeline.stage import Stage
 from gateway.store.db import Database
-from gateway.store.tables import deliveries, messages
+from gateway.store.tables import consents, deliveries, messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,27 +72,24 @@ class Recipient:
     for_information: bool
 
 
-def delivery_event(message_id: str, delivery_id: str) -> Event:
-    return Event(
-        id=f"delivery.requested:{delivery_id}",
-        type="delivery.requested",
-        message_id=message_id,
-        delivery_id=delivery_id,
-    )
-
-
 class RouteStage(Stage):
     name = "route"
     topic = topics.EVENTS
     handles = frozenset({"message.permitted"})
 
     def __init__(
-        self, db: Database, directory: Directory, rules: RoutingRules, channels: ChannelRegistry
+        self,
+        db: Database,
+        directory: Directory,
+        rules: RoutingRules,
+        channels: ChannelRegistry,
+        keyer: PatientKeyer,
     ) -> None:
         super().__init__(db)
         self.directory = directory
         self.rules = rules
         self.channels = channels
+        self.keyer = keyer
 
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         row = (
@@ -111,22 +110,43 @@ class RouteStage(Stage):
             recipients = await self._with_episode(
                 conn, event.message_id, row.episode_key, view.event, recipients
             )
+        if view.event is LusEvent.PATIENTSAMMANSLAGNING:
+            recipients = await self._merge(conn, event.message_id, key, view, recipients)
         now = clock.now()
+        records = await gate.records_for(conn, key)
+        outcomes: dict[Outcome, str] = {}  # each outcome with the first reason given for it
         for recipient in recipients.values():
-            await self._deliver_to(conn, event.message_id, key, recipient, row.received_at, now)
-        status = "routed" if recipients else "unroutable"
+            decision = decide(
+                records,
+                ConsentRecipient(recipient.hsa_id, recipient.role),
+                gate.PURPOSE,
+                now,
+                row.episode_key,
+            )
+            outcomes.setdefault(decision.outcome, decision.reason)
+            await self._deliver_to(
+                conn,
+                event.message_id,
+                key,
+                recipient,
+                row.received_at,
+                now,
+                decision,
+                view.protected_identity,
+            )
+        status, reason = _status(outcomes, bool(recipients))
+        summary = _summary(outcomes)
         await conn.execute(
             update(messages)
             .where(messages.c.id == event.message_id)
-            .values(status=status, updated_at=now)
+            .values(
+                status=status,
+                consent_decision=summary.value if summary else None,
+                consent_reason=outcomes[summary] if summary else None,
+                updated_at=now,
+            )
         )
-        await announce_status(
-            conn,
-            key,
-            event.message_id,
-            status,
-            "" if recipients else "Ingen mottagare i meddelandet motsvarar fördelningsreglerna",
-        )
+        await announce_status(conn, key, event.message_id, status, reason)
 
     def _by_rule(self, view: BundleView) -> dict[str, Recipient]:
         """The parties the message names whose role the rules select for this event."""
@@ -192,6 +212,50 @@ class RouteStage(Stage):
             )
         return merged
 
+    async def _merge(
+        self,
+        conn: AsyncConnection,
+        message_id: str,
+        key: str,
+        view: BundleView,
+        recipients: dict[str, Recipient],
+    ) -> dict[str, Recipient]:
+        """Join the prior identity's history to this patient, and tell whoever knew it.
+
+        The messages stored under the replaced identity (a reservnummer, a samordningsnummer)
+        are moved to the surviving patient's key, so later versions, cancellations and
+        deadlines see one history. The merge notice goes, for information, to every party
+        that received a notice about either identity (plus whom the rules name).
+        """
+        prior = [self.keyer.key(system, value) for system, value in view.prior_identifiers]
+        if prior:
+            for table in (messages, consents):
+                await conn.execute(
+                    update(table)
+                    .where(table.c.patient_key.in_(prior))
+                    .values(patient_key=key, updated_at=clock.now())
+                )
+        known = (
+            await conn.execute(
+                select(
+                    deliveries.c.recipient_hsa_id, deliveries.c.recipient_name, deliveries.c.role
+                )
+                .join(messages, messages.c.id == deliveries.c.message_id)
+                .where(
+                    messages.c.patient_key == key,
+                    messages.c.id != message_id,
+                    deliveries.c.state != State.FAILED.value,
+                )
+                .order_by(deliveries.c.created_at)
+            )
+        ).all()
+        merged = dict(recipients)
+        for d in known:
+            merged.setdefault(
+                d.recipient_hsa_id, Recipient(d.recipient_hsa_id, d.recipient_name, d.role, True)
+            )
+        return merged
+
     async def _deliver_to(
         self,
         conn: AsyncConnection,
@@ -200,9 +264,11 @@ class RouteStage(Stage):
         recipient: Recipient,
         received_at: datetime,
         now: datetime,
+        decision: Decision,
+        protected_identity: bool,
     ) -> None:
         org = self.directory.get(recipient.hsa_id)
-        channel = self.channels.best(org.channels) if org else None
+        channel = self.channels.best(org.channels, protected_identity) if org else None
         delivery_id = str(uuid.uuid4())
         await conn.execute(
             deliveries.insert().values(
@@ -220,17 +286,33 @@ class RouteStage(Stage):
         )
         await ledger.record(conn, delivery_id, message_id, key, State.ACCEPTED, at=received_at)
         if channel is None:
-            reason = (
-                "Mottagaren finns inte i katalogen"
-                if org is None
-                else "Mottagaren saknar en kanal som gatewayen kan leverera till"
-            )
+            if org is None:
+                reason = "Mottagaren finns inte i katalogen"
+            elif protected_identity and self.channels.best(org.channels):
+                reason = "Skyddad identitet: mottagaren saknar en kanal godkänd för det"
+            else:
+                reason = "Mottagaren saknar en kanal som gatewayen kan leverera till"
             await ledger.record(
                 conn, delivery_id, message_id, key, State.FAILED, detail=reason, at=now
             )
             return
-        await ledger.record(conn, delivery_id, message_id, key, State.ROUTED, at=now)
-        await enqueue(conn, topics.DELIVERIES, key, delivery_event(message_id, delivery_id))
+        await gate.apply(conn, decision, delivery_id, message_id, key)
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
         await park_message(conn, event.message_id)
+
+
+def _summary(outcomes: dict[Outcome, str]) -> Outcome | None:
+    """The gate's decisions for the message as a whole: permit if anyone may be told."""
+    return next((o for o in (Outcome.PERMIT, Outcome.HOLD, Outcome.DENY) if o in outcomes), None)
+
+
+def _status(outcomes: dict[Outcome, str], any_recipient: bool) -> tuple[str, str]:
+    """The message's status after routing, and what the sender is told."""
+    if not any_recipient:
+        return "unroutable", "Ingen mottagare i meddelandet motsvarar fördelningsreglerna"
+    if Outcome.PERMIT in outcomes or not outcomes:
+        return "routed", ""
+    if Outcome.HOLD in outcomes:
+        return "held", outcomes[Outcome.HOLD]
+    return "denied", outcomes[Outcome.DENY]

@@ -15,6 +15,13 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+async def patient_key_of(conn: AsyncConnection, message_id: str) -> str | None:
+    """The message's patient pseudonym (for the audit trail), or None if there is no such."""
+    return (
+        await conn.execute(select(messages.c.patient_key).where(messages.c.id == message_id))
+    ).scalar_one_or_none()
+
+
 async def message_ledger(conn: AsyncConnection, message_id: str) -> dict[str, Any] | None:
     """The message's pipeline status, consent decision, and each recipient's ordered receipts.
 

@@ -8,11 +8,24 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+# PostgreSQL advisory lock ids: each names one thing that happens one at a time across every
+# Brygga process sharing the database.
+MIGRATION_LOCK = 7_264_003
+AUDIT_LOCK = 7_264_004  # appending to the audit chain
+KEYS_LOCK = 7_264_005  # creating, retiring and re-wrapping data keys
+
+
+async def advisory_xact_lock(conn: AsyncConnection, lock_id: int) -> None:
+    """Hold ``lock_id`` until ``conn``'s transaction ends. SQLite: nothing to do, its
+    transactions already hold the database's one write lock (BEGIN IMMEDIATE)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": lock_id})
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -71,6 +84,10 @@ class Database:
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.begin() as conn:
             yield conn
+        self.committed()
+
+    def committed(self) -> None:
+        """Run the after-commit callbacks (for writers that commit outside ``transaction``)."""
         for callback in self._after_commit:
             callback()
 

@@ -1,4 +1,9 @@
-"""Tables of the system of record. The same schema runs on PostgreSQL and SQLite."""
+"""Tables of the system of record. The same schema runs on PostgreSQL and SQLite.
+
+Columns that hold patient data (names, identity numbers, addresses, the messages
+themselves) have an encrypted type (:mod:`gateway.crypto.columns`): they store AES-GCM
+ciphertext bound to their row, and read back as plaintext in a process with a keyring.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.types import TypeDecorator
+
+from gateway.crypto.columns import EncryptedBytes, EncryptedText
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -63,8 +70,13 @@ messages = Table(
     Column("event", String(40), nullable=False),
     Column("patient_key", String(64), nullable=False, comment="HMAC of the patient identity"),
     Column("episode_key", String(64), nullable=True, comment="HMAC of sender and visit number"),
-    Column("raw", LargeBinary, nullable=False),
-    Column("canonical", Text, nullable=False, comment="FHIR message Bundle, JSON"),
+    Column("raw", EncryptedBytes("messages.raw"), nullable=False, comment="encrypted"),
+    Column(
+        "canonical",
+        EncryptedText("messages.canonical"),
+        nullable=False,
+        comment="FHIR message Bundle, JSON; encrypted, base64",
+    ),
     Column("ack", LargeBinary, nullable=True, comment="the answer given; replayed for duplicates"),
     Column("status", String(20), nullable=False),
     Column("consent_decision", String(10), nullable=True),
@@ -141,7 +153,12 @@ source_notifications = Table(
     Column("state", String(20), nullable=False, comment="the state reported"),
     Column("dedup_key", String(120), nullable=False, comment="one notification per fact"),
     Column("channel", String(40), nullable=False, comment="which adapter sends it"),
-    Column("payload", LargeBinary, nullable=False, comment="the message to the source"),
+    Column(
+        "payload",
+        EncryptedBytes("source_notifications.payload"),
+        nullable=False,
+        comment="the message to the source; encrypted",
+    ),
     Column("status", String(20), nullable=False, comment="pending, acked"),
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", UtcDateTime, nullable=False),
@@ -150,4 +167,67 @@ source_notifications = Table(
     Column("acked_at", UtcDateTime, nullable=True),
     UniqueConstraint("dedup_key", "channel"),
     Index(None, "status", "next_attempt_at"),
+)
+
+consents = Table(
+    "consents",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("patient_key", String(64), nullable=False, comment="HMAC of the patient identity"),
+    Column("episode_key", String(64), nullable=True, comment="set: that stay only"),
+    Column("basis", String(20), nullable=False, comment="samtycke, menprovning, sparr"),
+    Column("status", String(20), nullable=False, comment="FHIR Consent.status"),
+    Column(
+        "resource",
+        EncryptedText("consents.resource"),
+        nullable=False,
+        comment="the FHIR Consent, JSON; encrypted",
+    ),
+    Column("version", Integer, nullable=False),
+    Column("source", String(20), nullable=False, comment="api or message"),
+    Column("source_id", String(200), nullable=False, comment="caller org, or message id"),
+    Column("recorded_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index(None, "patient_key"),
+)
+
+# The audit trail (gateway/audit): append-only, hash-chained; see docs/architecture.md.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False, comment="1, 2, 3, … no gaps"),
+    Column("at", UtcDateTime, nullable=False),
+    Column("actor", String(200), nullable=False, comment="person (token name) or stage"),
+    Column("actor_org", String(64), nullable=False, comment="HSA-id of the actor's organisation"),
+    Column("role", String(100), nullable=False),
+    Column("action", String(60), nullable=False, comment="e.g. message.read, gate.decision"),
+    Column("patient_key", String(64), nullable=False, comment="HMAC pseudonym, or empty"),
+    Column("subject", String(160), nullable=False, comment="message or delivery id"),
+    Column("purpose", String(60), nullable=False, comment="why, e.g. lus-utskrivning"),
+    Column("outcome", String(20), nullable=False),
+    Column("detail", String(500), nullable=False, comment="short; never patient data"),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False, comment="SHA-256 of prev_hash and this row"),
+    Index(None, "patient_key", "seq"),
+)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False, comment="last row covered"),
+    Column("head_hash", String(64), nullable=False, comment="audit_log.hash at seq"),
+    Column("at", UtcDateTime, nullable=False),
+    Column("key_id", String(16), nullable=False, comment="which audit signing key"),
+    Column("signature", String(128), nullable=False, comment="Ed25519, hex"),
+)
+
+data_keys = Table(
+    "data_keys",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="the DEK id every ciphertext names"),
+    Column("wrapped_key", LargeBinary, nullable=False, comment="the DEK encrypted by the KEK"),
+    Column("kek_id", String(200), nullable=False, comment="the key-encryption key that wraps it"),
+    Column("state", String(10), nullable=False, comment="active (encrypts) or retired"),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("retired_at", UtcDateTime, nullable=True),
 )

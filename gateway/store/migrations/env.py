@@ -7,13 +7,10 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from gateway.store.db import make_engine
+from gateway.store.db import MIGRATION_LOCK, make_engine
 from gateway.store.tables import metadata
 
 config = context.config
-
-
-MIGRATION_LOCK = 7_264_003  # any constant; shared by every Brygga process
 
 
 def _run(connection: Connection) -> None:

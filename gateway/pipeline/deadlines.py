@@ -1,0 +1,173 @@
+"""The LUS clocks: when each message or receipt is due, counted as DOMAIN.md says.
+
+Pure functions over a calendar (Swedish public holidays, plus midsommarafton, julafton and
+nyårsafton) in Europe/Stockholm time. The rules are data (``mappings/deadlines/lus.toml``),
+and a municipality may override any of them. ``brygga clock`` previews a due time.
+
+Counting kinds:
+
+- ``elapsed_hours``: real hours (24 h from 10:00 the Saturday before the spring clock change
+  end at 11:00 on the Sunday).
+- ``weekday_hours``: only the time inside weekdays counts (Friday 15:00 + 24 h → Monday 15:00).
+- ``end_of_calendar_day``: 23:59:59 on the Nth calendar day after the start (its date is day 0).
+- ``noon_weekday_before``: 12:00 on the last weekday before the start's date (a planned
+  discharge date).
+- ``working_days``: the same clock time on the Nth weekday after the start (from 00:00 of the
+  next weekday when the start is not on a weekday).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
+from pathlib import Path
+
+import holidays
+
+from gateway.clock import STOCKHOLM
+
+KINDS = (
+    "elapsed_hours",
+    "weekday_hours",
+    "end_of_calendar_day",
+    "noon_weekday_before",
+    "working_days",
+)
+
+
+class DeadlineError(ValueError):
+    """A rule file or a question the engine cannot answer; the message says which."""
+
+
+@lru_cache(maxsize=64)
+def _holidays(year: int) -> frozenset[date]:
+    public = holidays.country_holidays("SE", years=year, include_sundays=False)
+    midsummer_day = next(d for d, name in public.items() if "Midsummer" in name)
+    eves = {midsummer_day - timedelta(days=1), date(year, 12, 24), date(year, 12, 31)}
+    return frozenset(public) | eves
+
+
+def is_weekday(day: date) -> bool:
+    """Monday to Friday and not a Swedish public holiday or one of the three eves."""
+    return day.weekday() < 5 and day not in _holidays(day.year)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    kind: str
+    amount: float = 0
+    description: str = ""
+
+    def due(self, start: datetime) -> datetime:
+        """When this clock runs out for ``start`` (aware), in Stockholm time."""
+        if start.tzinfo is None:
+            raise DeadlineError("the start needs a time zone (ISO 8601 with an offset)")
+        local = start.astimezone(STOCKHOLM)
+        if self.kind == "elapsed_hours":
+            return _utc(start) + timedelta(hours=self.amount)
+        if self.kind == "weekday_hours":
+            return _weekday_hours(local, self.amount)
+        if self.kind == "end_of_calendar_day":
+            day = local.date() + timedelta(days=int(self.amount))
+            return datetime.combine(day, time(23, 59, 59), STOCKHOLM)
+        if self.kind == "noon_weekday_before":
+            day = local.date() - timedelta(days=1)
+            while not is_weekday(day):
+                day -= timedelta(days=1)
+            return datetime.combine(day, time(12, 0), STOCKHOLM)
+        if self.kind == "working_days":
+            return _working_days(local, int(self.amount))
+        raise DeadlineError(f"rule {self.name}: unknown kind {self.kind!r}")
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC)
+
+
+def _next_midnight(local: datetime) -> datetime:
+    return datetime.combine(local.date() + timedelta(days=1), time(0), STOCKHOLM)
+
+
+def _weekday_hours(local: datetime, hours: float) -> datetime:
+    remaining = timedelta(hours=hours)
+    moment = local
+    for _ in range(3700):  # ten years of days: a guard, not a limit anyone reaches
+        midnight = _next_midnight(moment)
+        if is_weekday(moment.date()):
+            available = _utc(midnight) - _utc(moment)  # real time, so 23 or 25 h on DST days
+            if remaining <= available:
+                return (_utc(moment) + remaining).astimezone(STOCKHOLM)
+            remaining -= available
+        moment = midnight
+    raise DeadlineError("no weekday found within ten years")
+
+
+def _working_days(local: datetime, n: int) -> datetime:
+    if not is_weekday(local.date()):
+        day = local.date() + timedelta(days=1)
+        while not is_weekday(day):
+            day += timedelta(days=1)
+        local = datetime.combine(day, time(0), STOCKHOLM)
+    day, counted = local.date(), 0
+    while counted < n:
+        day += timedelta(days=1)
+        if is_weekday(day):
+            counted += 1
+    return datetime.combine(day, local.time(), STOCKHOLM)
+
+
+class Deadlines:
+    """The rules, with each municipality's overrides."""
+
+    def __init__(self, rules: dict[str, Rule], overrides: dict[str, dict[str, Rule]]) -> None:
+        self._rules = rules
+        self._overrides = overrides
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._rules)
+
+    @property
+    def municipalities(self) -> list[str]:
+        return sorted(self._overrides)
+
+    def rule(self, name: str, municipality: str | None = None) -> Rule:
+        if municipality and municipality not in self._overrides:
+            raise DeadlineError(
+                f"no municipality {municipality!r}; known: {', '.join(self.municipalities)}"
+            )
+        if municipality and name in self._overrides[municipality]:
+            return self._overrides[municipality][name]
+        if name not in self._rules:
+            raise DeadlineError(f"no rule {name!r}; rules: {', '.join(self.names)}")
+        return self._rules[name]
+
+    def due(self, name: str, start: datetime, municipality: str | None = None) -> datetime:
+        return self.rule(name, municipality).due(start)
+
+    @classmethod
+    def load(cls, path: Path) -> Deadlines:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        rules = {n: _rule(path, n, e) for n, e in data.get("rules", {}).items()}
+        overrides: dict[str, dict[str, Rule]] = {}
+        for municipality, entries in data.get("municipalities", {}).items():
+            for n, e in entries.items():
+                if n not in rules:
+                    raise DeadlineError(
+                        f"{path.name}: [municipalities.{municipality}.{n}] overrides no rule"
+                    )
+                overrides.setdefault(municipality, {})[n] = _rule(path, n, e)
+        return cls(rules, overrides)
+
+
+def _rule(path: Path, name: str, entry: dict[str, object]) -> Rule:
+    kind = str(entry.get("kind", ""))
+    if kind not in KINDS:
+        raise DeadlineError(f"{path.name}: rule {name}: kind must be one of {list(KINDS)}")
+    amount = entry.get("amount", 0)
+    if not isinstance(amount, int | float) or amount < 0:
+        raise DeadlineError(f"{path.name}: rule {name}: amount must be a number ≥ 0")
+    return Rule(name, kind, float(amount), str(entry.get("description", "")))
