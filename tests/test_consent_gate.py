@@ -17,7 +17,7 @@ from sqlalchemy import select
 from gateway import clock
 from gateway.bus import topics
 from gateway.bus.topics import Event
-from gateway.directory import Directory, Organisation
+from gateway.directory import Directory, Endpoint, Organisation
 from gateway.model.bundle import CONSENT_BASIS_SYSTEM
 from gateway.model.consent import (
     PURPOSE_SYSTEM,
@@ -470,8 +470,9 @@ class PaperChannel:
 
     name = "fax"
     protected_identity = False
+    application_receipts = False
 
-    async def deliver(self, conn: Any, ctx: Any) -> Delivered:
+    async def deliver(self, ctx: Any) -> Delivered:
         return Delivered(State.DELIVERED, "Faxat")
 
 
@@ -481,9 +482,15 @@ async def test_protected_identity_goes_only_by_approved_channels(db: Database) -
     directory = Directory(
         [
             Organisation(
-                HOME_CARE, "Hemtjänst som föredrar fax", "home-care", "", ("fax", "inbox")
+                HOME_CARE,
+                "Hemtjänst som föredrar fax",
+                "home-care",
+                "",
+                (Endpoint("fax", "+4686000000"), Endpoint("inbox")),
             ),
-            Organisation(NIGHT, "Nattpatrull med bara fax", "home-care", "", ("fax",)),
+            Organisation(
+                NIGHT, "Nattpatrull med bara fax", "home-care", "", (Endpoint("fax", "+4686"),)
+            ),
         ]
     )
     pipeline.route.directory, pipeline.route.channels = directory, channels

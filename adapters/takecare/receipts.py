@@ -46,6 +46,7 @@ REPORTED = {
     "held": "Väntar på samtycke",
     "denied": "Utlämnas inte: spärr eller återkallat samtycke",
     "delivered": "Levererad",
+    "received": "Mottagen av mottagarens system",
     "read": "Läst",
     "acknowledged": "Kvitterad",
     "failed": "Kunde inte levereras",

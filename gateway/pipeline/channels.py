@@ -12,17 +12,29 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from gateway.pipeline.ledger import State
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What a channel reached: usually DELIVERED (transport receipt), with a note for people."""
+    """What a channel reached: DELIVERED (the transport took it) or RECEIVED (the recipient's
+    application accepted it: a FHIR MessageHeader.response ``ok``, an HL7 AA), with a note
+    for people."""
 
     state: State
     detail: str = ""
+
+
+class ChannelUnavailable(Exception):
+    """The recipient could not be reached or did not answer: worth resending later.
+
+    The message is shown to operations staff: never patient data in it.
+    """
+
+
+class ChannelRejected(Exception):
+    """The recipient's system refused this message (an HL7 AE, a FHIR ``fatal-error``):
+    resending the same message will not help; the next channel in the list is tried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +43,11 @@ class DeliveryContext:
     message_id: str
     recipient_hsa_id: str
     bundle: dict[str, Any]
+    address: str = ""  # the recipient's endpoint for this channel (URL, host:port, number)
+    attempt: int = 1  # 1 for the first send on this channel, 2 and 3 for resends
+    # The same for every send of this delivery, on every channel: the receiver's dedup key
+    # (the FHIR Bundle.id and MessageHeader.id, the HL7 MSH-10).
+    dedup_key: str = ""
 
 
 class Channel(Protocol):
@@ -38,9 +55,16 @@ class Channel(Protocol):
     # May this channel carry notices about a patient with protected identity (skyddad
     # folkbokföring, sekretessmarkering)? Never a channel that shows an address on paper.
     protected_identity: bool
+    # Does the recipient's system answer with an application receipt? If so, a delivery
+    # left at DELIVERED is resent after a while, then falls back to the next channel.
+    application_receipts: bool
 
-    async def deliver(self, conn: AsyncConnection, ctx: DeliveryContext) -> Outcome:
-        """Hand the message to the recipient. Raise on a failure worth retrying."""
+    async def deliver(self, ctx: DeliveryContext) -> Outcome:
+        """Hand the message to the recipient.
+
+        Raise :class:`ChannelUnavailable` for a failure worth resending later, and
+        :class:`ChannelRejected` when the recipient refused the message itself.
+        """
         ...
 
 
@@ -52,8 +76,9 @@ class InboxChannel:
 
     name = "inbox"
     protected_identity = True  # behind login; lists hide the name
+    application_receipts = False  # the next receipt is a person reading it
 
-    async def deliver(self, conn: AsyncConnection, ctx: DeliveryContext) -> Outcome:
+    async def deliver(self, ctx: DeliveryContext) -> Outcome:
         return Outcome(State.DELIVERED, "Tillgängligt i webbinkorgen")
 
 

@@ -62,7 +62,6 @@ class DeliverStage(Stage):
         if channel is None:
             raise LookupError("channel not available in this process")
         outcome = await channel.deliver(
-            conn,
             DeliveryContext(
                 event.delivery_id, event.message_id, row.recipient_hsa_id, json.loads(row.canonical)
             ),

@@ -27,6 +27,7 @@ class State(StrEnum):
     HELD = "held"  # the gate found no legal basis yet; released when one arrives
     ROUTED = "routed"
     DELIVERED = "delivered"
+    RECEIVED = "received"  # the recipient's system accepted it (an application receipt)
     READ = "read"
     ACKNOWLEDGED = "acknowledged"
     FAILED = "failed"
@@ -43,7 +44,7 @@ class State(StrEnum):
 
 
 _RANK = {s: i for i, s in enumerate(State)}
-VISIBLE_IN_INBOX = (State.DELIVERED, State.READ, State.ACKNOWLEDGED)
+VISIBLE_IN_INBOX = (State.DELIVERED, State.RECEIVED, State.READ, State.ACKNOWLEDGED)
 
 
 @dataclass(frozen=True, slots=True)

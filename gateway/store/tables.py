@@ -81,6 +81,7 @@ messages = Table(
     Column("status", String(20), nullable=False),
     Column("consent_decision", String(10), nullable=True),
     Column("consent_reason", String(200), nullable=True),
+    Column("occurred_at", UtcDateTime, nullable=True, comment="when the event happened (routing)"),
     Column("received_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     UniqueConstraint("source", "control_id"),
@@ -105,9 +106,59 @@ deliveries = Table(
     Column("retracted_by", String(36), nullable=True, comment="message id of the cancellation"),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    # Follow-up (gateway/pipeline/followup.py): resends, fallback, deadlines, escalation.
+    Column("municipality", String(20), nullable=True, comment="the recipient's, for statistics"),
+    Column("district", String(60), nullable=True, comment="the recipient's city district"),
+    Column("attempts", Integer, nullable=False, default=0, comment="sends on this channel"),
+    Column("next_check_at", UtcDateTime, nullable=True, comment="when follow-up looks next"),
+    Column("due_rule", String(40), nullable=True, comment="the LUS clock for its receipt"),
+    Column("due_at", UtcDateTime, nullable=True, comment="when the receipt is due"),
+    Column("escalation_level", Integer, nullable=False, default=0),
+    Column("escalated_from", String(36), nullable=True, comment="the delivery it escalates"),
     UniqueConstraint("message_id", "recipient_hsa_id"),
     Index(None, "recipient_hsa_id", "channel", "state"),
     Index(None, "state", "updated_at"),
+    Index(None, "next_check_at"),
+)
+
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(36), ForeignKey("deliveries.id"), nullable=False),
+    Column("channel", String(20), nullable=False),
+    Column("attempt", Integer, nullable=False, comment="1, then 2 and 3 for resends"),
+    Column("at", UtcDateTime, nullable=False),
+    Column(
+        "outcome",
+        String(20),
+        nullable=False,
+        comment="delivered, received, unavailable, rejected, fallback, escalated",
+    ),
+    Column("detail", String(500), nullable=True, comment="for people; never patient data"),
+    Index(None, "delivery_id", "id"),
+)
+
+# Deviations (avvikelser) the gateway raises itself: FHIR DetectedIssue, tracked until answered.
+deviations = Table(
+    "deviations",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("message_id", String(36), ForeignKey("messages.id"), nullable=False),
+    Column("delivery_id", String(36), ForeignKey("deliveries.id"), nullable=True),
+    Column("patient_key", String(64), nullable=False, comment="HMAC pseudonym"),
+    Column("kind", String(40), nullable=False, comment="missed-receipt, held-past-deadline, …"),
+    Column("responsible_hsa_id", String(64), nullable=False, comment="whose inbox it is in"),
+    Column("municipality", String(20), nullable=True),
+    Column("district", String(60), nullable=True),
+    Column("status", String(20), nullable=False, comment="open or answered"),
+    Column("raised_at", UtcDateTime, nullable=False),
+    Column("answered_at", UtcDateTime, nullable=True),
+    Column("answered_by", String(200), nullable=True),
+    Column("answer", EncryptedText("deviations.answer"), nullable=True, comment="encrypted"),
+    Column("summary", String(500), nullable=False, comment="what went wrong; no patient data"),
+    UniqueConstraint("delivery_id", "kind"),
+    Index(None, "responsible_hsa_id", "status"),
 )
 
 receipt_events = Table(
