@@ -21,7 +21,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import logs
 from gateway.clock import STOCKHOLM
 from gateway.settings import ALL_STAGES, Settings
-from mappings import MAPPINGS_DIR
 
 app = typer.Typer(
     help="Brygga: discharge-coordination gateway (LUS).", no_args_is_help=True, add_completion=False
@@ -276,10 +275,9 @@ def clock(
     ] = None,
 ) -> None:
     """When a LUS deadline falls due (an operator's preview); the due time is the last line."""
-    from gateway.pipeline.deadlines import DeadlineError, Deadlines
+    from gateway.pipeline.deadlines import DEADLINES_FILE, DeadlineError, Deadlines
 
-    settings = Settings()
-    path = settings.deadlines_file or MAPPINGS_DIR / "deadlines" / "lus.toml"
+    path = Settings().deadlines_file or DEADLINES_FILE
     try:
         moment = datetime.fromisoformat(start)
     except ValueError:

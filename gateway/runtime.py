@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,10 @@ from gateway.directory import Directory
 from gateway.logs import error_fields
 from gateway.pipeline.channels import ChannelRegistry
 from gateway.pipeline.consent import ConsentStage
+from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
 from gateway.pipeline.delivery import DeliverStage
+from gateway.pipeline.escalation import Escalator
+from gateway.pipeline.followup import FollowUp, Policy
 from gateway.pipeline.intake import Intake
 from gateway.pipeline.receipts import ReceiptsStage
 from gateway.pipeline.reconciler import Reconciler
@@ -111,6 +115,7 @@ class Gateway:
         channels = ChannelRegistry.discover()
         directory = Directory.load(directory_path(s))
         rules = RoutingRules.load(s.routing_file or MAPPINGS_DIR / "routing" / "lus.toml")
+        deadlines = Deadlines.load(s.deadlines_file or DEADLINES_FILE)
         # The patient HMAC key names every pseudonym: created by the stages that key new
         # data (intake, route), only read by the others, never created twice.
         hmac_key = s.keys_dir / "patient-hmac.key"
@@ -135,10 +140,19 @@ class Gateway:
                 "reconcile",
             )
             self._started.add("reconcile")
+        resend_after = timedelta(minutes=s.resend_after_minutes)
+        if "followup" in self.stages:
+            policy = Policy(resend_after, s.max_resends, deadlines.escalation)
+            escalator = Escalator(directory, channels, deadlines.escalation)
+            followup = FollowUp(db, channels, escalator, policy, s.followup_interval_seconds)
+            self._spawn(followup.run(), "followup")
+            self._started.add("followup")
         stage_objects = {
             "consent": lambda: ConsentStage(db),
-            "route": lambda: RouteStage(db, directory, rules, channels, _required(keyer)),
-            "deliver": lambda: DeliverStage(db, channels),
+            "route": lambda: RouteStage(
+                db, directory, rules, channels, _required(keyer), deadlines
+            ),
+            "deliver": lambda: DeliverStage(db, channels, directory, resend_after),
             "receipts": lambda: ReceiptsStage(db),
         }
 

@@ -20,7 +20,17 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-ALL_STAGES = ("intake", "consent", "route", "deliver", "receipts", "relay", "reconcile", "api")
+ALL_STAGES = (
+    "intake",
+    "consent",
+    "route",
+    "deliver",
+    "receipts",
+    "relay",
+    "reconcile",
+    "followup",
+    "api",
+)
 
 
 class Settings(BaseSettings):
@@ -87,6 +97,15 @@ class Settings(BaseSettings):
         7.0, description="Keep published outbox rows and processed-event keys this long."
     )
     max_attempts: int = Field(3, description="Handler attempts before an event is parked.")
+    resend_after_minutes: float = Field(
+        30.0, gt=0, description="Resend a delivery without an application receipt after this."
+    )
+    max_resends: int = Field(
+        2, ge=0, description="Resends on one channel before falling back to the next."
+    )
+    followup_interval_seconds: float = Field(
+        5.0, gt=0, description="How often follow-up looks for resends, fallbacks, deadlines."
+    )
     audit_checkpoint_every: int = Field(
         1000, ge=1, description="Sign an audit checkpoint once this many entries are uncovered…"
     )

@@ -6,24 +6,27 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from gateway.bus.keys import PatientKeyer
-from gateway.bus.topics import Event
+from gateway.bus.topics import DELIVERIES, Event
 from gateway.directory import Directory
 from gateway.model.bundle import CanonicalMessage, CareParty, ConsentBasis
 from gateway.model.events import LusEvent
 from gateway.model.identifiers import parse_identity_number
 from gateway.pipeline.channels import ChannelRegistry, InboxChannel
 from gateway.pipeline.consent import ConsentStage, accepted_event, permitted_event
+from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
 from gateway.pipeline.delivery import DeliverStage
+from gateway.pipeline.escalation import Escalator
+from gateway.pipeline.followup import FollowUp, Policy
 from gateway.pipeline.gate import delivery_event
 from gateway.pipeline.intake import Intake
 from gateway.pipeline.routing import RouteStage, RoutingRules
 from gateway.runtime import directory_path
 from gateway.settings import Settings
 from gateway.store.db import Database
-from gateway.store.tables import deliveries, messages
+from gateway.store.tables import deliveries, messages, outbox
 from mappings import MAPPINGS_DIR
 from tests.support import STOCKHOLM, personnummer
 
@@ -76,19 +79,58 @@ def canonical(
 class Pipeline:
     """The stages wired as in runtime.py, called directly instead of through Kafka."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self,
+        db: Database,
+        channels: ChannelRegistry | None = None,
+        directory: Directory | None = None,
+    ) -> None:
         self.db = db
-        channels = ChannelRegistry([InboxChannel()])
+        channels = channels or ChannelRegistry([InboxChannel()])
+        directory = directory or Directory.load(directory_path(Settings()))
+        deadlines = Deadlines.load(DEADLINES_FILE)
         self.intake = Intake(db, KEYER)
         self.consent = ConsentStage(db)
         self.route = RouteStage(
             db,
-            Directory.load(directory_path(Settings())),
+            directory,
             RoutingRules.load(MAPPINGS_DIR / "routing" / "lus.toml"),
             channels,
             KEYER,
+            deadlines,
         )
-        self.deliver = DeliverStage(db, channels)
+        self.deliver = DeliverStage(db, channels, directory)
+        self.followup = FollowUp(
+            db,
+            channels,
+            Escalator(directory, channels, deadlines.escalation),
+            Policy(escalation=deadlines.escalation),
+        )
+        self._seen_outbox = 0
+
+    async def follow_up(self) -> int:
+        """One round of follow-up, then every delivery it asked for (resends, fallbacks,
+        escalations), as the deliver stage would take them from Kafka."""
+        acted = await self.followup.run_once()
+        await self.drain()
+        return acted
+
+    async def drain(self) -> None:
+        """Hand the outbox's new ``delivery.requested`` events to the deliver stage."""
+        while True:
+            async with self.db.read() as conn:
+                rows = (
+                    await conn.execute(
+                        select(outbox.c.id, outbox.c.payload)
+                        .where(outbox.c.id > self._seen_outbox, outbox.c.topic == DELIVERIES)
+                        .order_by(outbox.c.id)
+                    )
+                ).all()
+            if not rows:
+                return
+            for r in rows:
+                self._seen_outbox = max(self._seen_outbox, r.id)
+                await self._step(self.deliver, Event.from_json(r.payload))
 
     async def run(self, message: CanonicalMessage, control_id: str) -> str:
         """Intake, consent, routing and delivery of one message."""
@@ -108,6 +150,10 @@ class Pipeline:
         mid = accepted.message_id
         await self._step(self.consent, accepted_event(mid))
         await self._step(self.route, permitted_event(mid))
+        async with self.db.read() as conn:  # its deliveries are run by deliver_routed
+            self._seen_outbox = (
+                await conn.execute(select(func.max(outbox.c.id)))
+            ).scalar_one() or 0
         return mid
 
     async def deliver_routed(self, message_id: str) -> list[str]:

@@ -531,6 +531,7 @@ class BundleView:
     encounter_id: str = ""
     ready_at: datetime | None = None
     nursing_referral: bool = False
+    occurred_at: datetime | None = None  # Bundle.timestamp: when the event happened
     prior_identifiers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
@@ -598,6 +599,7 @@ def read_bundle(bundle: dict[str, Any]) -> BundleView:
         encounter_id=str((encounter.get("identifier") or [{}])[0].get("value", "")),
         ready_at=datetime.fromisoformat(ready) if ready else None,
         nursing_referral=NURSING_REFERRAL in flags,
+        occurred_at=datetime.fromisoformat(bundle["timestamp"]) if "timestamp" in bundle else None,
         prior_identifiers=tuple(
             (str(i.get("system", "")), str(i.get("value", ""))) for i in prior.get("identifier", [])
         ),

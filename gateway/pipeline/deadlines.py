@@ -27,6 +27,7 @@ from pathlib import Path
 import holidays
 
 from gateway.clock import STOCKHOLM
+from mappings import MAPPINGS_DIR
 
 KINDS = (
     "elapsed_hours",
@@ -35,6 +36,9 @@ KINDS = (
     "noon_weekday_before",
     "working_days",
 )
+
+
+DEADLINES_FILE = MAPPINGS_DIR / "deadlines" / "lus.toml"
 
 
 class DeadlineError(ValueError):
@@ -119,12 +123,41 @@ def _working_days(local: datetime, n: int) -> datetime:
     return datetime.combine(day, local.time(), STOCKHOLM)
 
 
-class Deadlines:
-    """The rules, with each municipality's overrides."""
+ESCALATION_STEPS = ("on-call", "mas", "ward")
 
-    def __init__(self, rules: dict[str, Rule], overrides: dict[str, dict[str, Rule]]) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Escalation:
+    """Who is told when a receipt is late, in order, and how long each step waits."""
+
+    chain: tuple[str, ...] = ESCALATION_STEPS
+    step: timedelta = timedelta(hours=4)
+
+
+class Deadlines:
+    """The rules, with each municipality's overrides, which clock each receipt runs on, and
+    the escalation chain."""
+
+    def __init__(
+        self,
+        rules: dict[str, Rule],
+        overrides: dict[str, dict[str, Rule]],
+        receipts: dict[str, str] | None = None,
+        escalation: Escalation | None = None,
+    ) -> None:
         self._rules = rules
         self._overrides = overrides
+        self.receipts = receipts or {}
+        self.escalation = escalation or Escalation()
+
+    def receipt_due(self, event: str, start: datetime, municipality: str = "") -> datetime | None:
+        """When a receipt of an ``event`` message delivered at ``start`` is due, or None if
+        no clock runs for it. A municipality without overrides uses the common rules."""
+        name = self.receipts.get(event)
+        if name is None:
+            return None
+        town = municipality if municipality in self._overrides else None
+        return self.due(name, start, town)
 
     @property
     def names(self) -> list[str]:
@@ -160,7 +193,21 @@ class Deadlines:
                         f"{path.name}: [municipalities.{municipality}.{n}] overrides no rule"
                     )
                 overrides.setdefault(municipality, {})[n] = _rule(path, n, e)
-        return cls(rules, overrides)
+        receipts = {str(k): str(v) for k, v in data.get("receipts", {}).items()}
+        for event, name in receipts.items():
+            if name not in rules:
+                raise DeadlineError(f"{path.name}: [receipts] {event} = {name!r} names no rule")
+        esc = data.get("escalation", {})
+        chain = tuple(esc.get("chain", ESCALATION_STEPS))
+        if unknown := set(chain) - set(ESCALATION_STEPS):
+            raise DeadlineError(
+                f"{path.name}: [escalation] chain: unknown step(s) {sorted(unknown)}; "
+                f"steps: {', '.join(ESCALATION_STEPS)}"
+            )
+        step = esc.get("step_hours", 4)
+        if not isinstance(step, int | float) or step <= 0:
+            raise DeadlineError(f"{path.name}: [escalation] step_hours must be a number > 0")
+        return cls(rules, overrides, receipts, Escalation(chain, timedelta(hours=step)))
 
 
 def _rule(path: Path, name: str, entry: dict[str, object]) -> Rule:

@@ -22,7 +22,7 @@ from gateway import clock
 from gateway.bus import topics
 from gateway.bus.keys import PatientKeyer
 from gateway.bus.topics import Event
-from gateway.directory import Directory
+from gateway.directory import Directory, Organisation
 from gateway.model.bundle import BundleView, read_bundle
 from gateway.model.consent import Decision, Outcome, decide
 from gateway.model.consent import Recipient as ConsentRecipient
@@ -30,6 +30,7 @@ from gateway.model.events import LusEvent
 from gateway.pipeline import gate, ledger
 from gateway.pipeline.channels import ChannelRegistry
 from gateway.pipeline.consent import announce_status, park_message
+from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
 from gateway.pipeline.ledger import State
 from gateway.pipeline.stage import Stage
 from gateway.store.db import Database
@@ -84,12 +85,14 @@ class RouteStage(Stage):
         rules: RoutingRules,
         channels: ChannelRegistry,
         keyer: PatientKeyer,
+        deadlines: Deadlines | None = None,
     ) -> None:
         super().__init__(db)
         self.directory = directory
         self.rules = rules
         self.channels = channels
         self.keyer = keyer
+        self.deadlines = deadlines or Deadlines.load(DEADLINES_FILE)
 
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         row = (
@@ -132,7 +135,7 @@ class RouteStage(Stage):
                 row.received_at,
                 now,
                 decision,
-                view.protected_identity,
+                view,
             )
         status, reason = _status(outcomes, bool(recipients))
         summary = _summary(outcomes)
@@ -141,6 +144,7 @@ class RouteStage(Stage):
             .where(messages.c.id == event.message_id)
             .values(
                 status=status,
+                occurred_at=view.occurred_at,
                 consent_decision=summary.value if summary else None,
                 consent_reason=outcomes[summary] if summary else None,
                 updated_at=now,
@@ -265,11 +269,13 @@ class RouteStage(Stage):
         received_at: datetime,
         now: datetime,
         decision: Decision,
-        protected_identity: bool,
+        view: BundleView,
     ) -> None:
+        protected_identity = view.protected_identity
         org = self.directory.get(recipient.hsa_id)
         channel = self.channels.best(org.channels, protected_identity) if org else None
         delivery_id = str(uuid.uuid4())
+        due_at = None if recipient.for_information else self._receipt_due(view.event, org, now)
         await conn.execute(
             deliveries.insert().values(
                 id=delivery_id,
@@ -280,6 +286,12 @@ class RouteStage(Stage):
                 for_information=recipient.for_information,
                 channel=channel,
                 state=State.ACCEPTED.value,
+                municipality=org.municipality or None if org else None,
+                district=org.district or None if org else None,
+                attempts=0,
+                due_rule=self.deadlines.receipts.get(view.event.value) if due_at else None,
+                due_at=due_at,
+                escalation_level=0,
                 created_at=now,
                 updated_at=now,
             )
@@ -295,11 +307,28 @@ class RouteStage(Stage):
             await ledger.record(
                 conn, delivery_id, message_id, key, State.FAILED, detail=reason, at=now
             )
+            await _check_at(conn, delivery_id, now)  # a failed delivery escalates at once
             return
         await gate.apply(conn, decision, delivery_id, message_id, key)
+        if decision.outcome is Outcome.HOLD and due_at is not None:
+            await _check_at(conn, delivery_id, due_at)  # held past its deadline: escalate
+
+    def _receipt_due(
+        self, event: LusEvent, org: Organisation | None, now: datetime
+    ) -> datetime | None:
+        """When the recipient's receipt is due: the event's clock, as the recipient's
+        municipality counts it."""
+        town = self.directory.municipality(org.municipality) if org else None
+        return self.deadlines.receipt_due(event.value, now, town.name if town else "")
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
         await park_message(conn, event.message_id)
+
+
+async def _check_at(conn: AsyncConnection, delivery_id: str, when: datetime) -> None:
+    await conn.execute(
+        update(deliveries).where(deliveries.c.id == delivery_id).values(next_check_at=when)
+    )
 
 
 def _summary(outcomes: dict[Outcome, str]) -> Outcome | None:
