@@ -21,7 +21,7 @@ from sqlalchemy import select
 from gateway.api.app import create_app
 from gateway.api.auth import TokenKeys
 from gateway.directory import Directory, Endpoint, Hours, Municipality, Organisation
-from gateway.model.bundle import CareParty
+from gateway.model.bundle import Attachment, CareParty, Coding, Document, MedicationEntry
 from gateway.model.events import LusEvent
 from gateway.pipeline.channels import (
     ChannelRegistry,
@@ -39,6 +39,7 @@ from gateway.store.tables import deliveries, delivery_attempts, deviations
 from tests.conftest import FixedClock
 from tests.inprocess import HOME_CARE, HOSPITAL, KEYER, Pipeline, canonical
 
+ATC = "http://www.whocc.no/atc"
 CLINIC = "SE2321000016-V010"
 ON_CALL = "SE2120001637-J001"
 MAS = "SE2120001637-M001"
@@ -411,3 +412,56 @@ def test_plan_never_resends_beyond_the_limit_and_always_looks_ahead(
     assert len(set(decided.actions)) == len(decided.actions)
     if state in (State.ACKNOWLEDGED, State.DENIED, State.PARKED):
         assert decided == Plan((), None)
+
+
+# --- routing by content ----------------------------------------------------------------------
+
+BISTAND = "SE2120001637-B020"
+REHAB = "SE2321000016-R040"
+
+
+async def test_content_reaches_the_nurse_and_devices_reach_rehab_but_not_needs_assessment(
+    db: Database, fixed_clock: FixedClock, api: tuple[httpx.AsyncClient, TokenKeys]
+) -> None:
+    client, keys = api
+    pipeline = Pipeline(db)  # the demo directory: everyone on the inbox
+    message = canonical(
+        507,
+        event=LusEvent.INSKRIVNINGSMEDDELANDE,
+        parties=[
+            CareParty("hemtjanst", HOME_CARE, "HT"),
+            CareParty("bistand", BISTAND, "Bistånd"),
+            CareParty("rehab", REHAB, "Rehab"),
+        ],
+    )
+    message.medications = [MedicationEntry(Coding(ATC, "N02BE01", "Paracetamol"), "1 x 3")]
+    message.documents = [
+        Document(
+            "HJALPMEDEL",
+            "Förskrivning av hjälpmedel",
+            (Attachment("text/plain", "ZQ=="),),
+            flags=("devices",),
+        ),
+    ]
+    mid = await pipeline.run(message, "F-7")
+    now = await rows(db, mid)
+    # The admission notice is "för kännedom" for home care and rehab by the event's rule;
+    # the medication list makes home care, the device prescription rehab, a receiver.
+    assert now[HOME_CARE].for_information is False and now[REHAB].for_information is False
+    assert now[BISTAND].withheld == "devices,medication"
+    assert now[HOME_CARE].withheld is None and now[HOME_CARE].due_at is not None
+
+    def kinds(notice: dict[str, Any]) -> set[str]:
+        return {e["resource"]["resourceType"] for e in notice["bundle"]["entry"]}
+
+    seen = await client.get(f"/api/v1/inbox/{now[BISTAND].id}", headers=bearer(keys, BISTAND))
+    home = await client.get(f"/api/v1/inbox/{now[HOME_CARE].id}", headers=bearer(keys, HOME_CARE))
+    assert seen.status_code == 200 and home.status_code == 200
+    assert {"MedicationStatement", "DocumentReference"} <= kinds(home.json())
+    assert not {"MedicationStatement", "DocumentReference"} & kinds(seen.json())
+    header = next(
+        e["resource"]
+        for e in seen.json()["bundle"]["entry"]
+        if e["resource"]["resourceType"] == "MessageHeader"
+    )
+    assert all("DocumentReference" not in f["reference"] for f in header.get("focus", []))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -532,6 +533,9 @@ class BundleView:
     ready_at: datetime | None = None
     nursing_referral: bool = False
     occurred_at: datetime | None = None  # Bundle.timestamp: when the event happened
+    # What the message carries that routing treats apart (mappings/routing, [content.*]):
+    # "medication" (a medication list), and the documents' flags ("nursing-referral", …).
+    contents: frozenset[str] = frozenset()
     prior_identifiers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
@@ -600,10 +604,67 @@ def read_bundle(bundle: dict[str, Any]) -> BundleView:
         ready_at=datetime.fromisoformat(ready) if ready else None,
         nursing_referral=NURSING_REFERRAL in flags,
         occurred_at=datetime.fromisoformat(bundle["timestamp"]) if "timestamp" in bundle else None,
+        contents=frozenset(flags) | contents_of_resources(res),
         prior_identifiers=tuple(
             (str(i.get("system", "")), str(i.get("value", ""))) for i in prior.get("identifier", [])
         ),
     )
+
+
+MEDICATION = "medication"
+
+
+def withheld_kinds(stored: str | None) -> list[str]:
+    """``deliveries.withheld`` (comma-separated) as a list."""
+    return [k for k in (stored or "").split(",") if k]
+
+
+def contents_of_resources(res: dict[str, dict[str, Any]]) -> frozenset[str]:
+    return frozenset({MEDICATION} if any(k.startswith("MedicationStatement/") for k in res) else ())
+
+
+def _carries(resource: dict[str, Any], kinds: frozenset[str]) -> bool:
+    if resource["resourceType"] == "MedicationStatement":
+        return MEDICATION in kinds
+    if resource["resourceType"] == "DocumentReference":
+        return any(
+            coding.get("system") == DOCUMENT_FLAG_SYSTEM and coding.get("code") in kinds
+            for category in resource.get("category", [])
+            for coding in category.get("coding", [])
+        )
+    return False
+
+
+def withhold(bundle: dict[str, Any], kinds: Iterable[str]) -> dict[str, Any]:
+    """The Bundle without the content of ``kinds`` (a medication list, flagged documents), and
+    without references to what was taken out. For recipients the content is not for (the needs
+    assessor is not health staff; mappings/routing, ``withheld_from``)."""
+    drop = frozenset(kinds)
+    if not drop:
+        return bundle
+    gone = {
+        f"{e['resource']['resourceType']}/{e['resource']['id']}"
+        for e in bundle.get("entry", [])
+        if _carries(e["resource"], drop)
+    }
+    if not gone:
+        return bundle
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: scrub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [
+                scrub(v) for v in node if not (isinstance(v, dict) and v.get("reference") in gone)
+            ]
+        return node
+
+    kept = [
+        e
+        for e in bundle.get("entry", [])
+        if f"{e['resource']['resourceType']}/{e['resource']['id']}" not in gone
+    ]
+    return scrub({**bundle, "entry": kept})  # type: ignore[no-any-return]
 
 
 def validate_bundle(bundle: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from gateway.bus import topics
 from gateway.bus.outbox import enqueue
 from gateway.bus.topics import Event
 from gateway.directory import Directory
+from gateway.model.bundle import withheld_kinds, withhold
 from gateway.model.consent import Outcome, Recipient
 from gateway.pipeline import gate, ledger
 from gateway.pipeline.channels import (
@@ -105,23 +106,25 @@ class DeliverStage(Stage):
 
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         assert event.delivery_id
-        row = (
-            await conn.execute(
-                select(
-                    deliveries.c.state,
-                    deliveries.c.channel,
-                    deliveries.c.attempts,
-                    deliveries.c.recipient_hsa_id,
-                    deliveries.c.role,
-                    deliveries.c.due_at,
-                    messages.c.canonical,
-                    messages.c.episode_key,
-                    messages.c.patient_key,
-                )
-                .join(messages, messages.c.id == deliveries.c.message_id)
-                .where(deliveries.c.id == event.delivery_id)
+        query = (
+            select(
+                deliveries.c.state,
+                deliveries.c.channel,
+                deliveries.c.attempts,
+                deliveries.c.recipient_hsa_id,
+                deliveries.c.role,
+                deliveries.c.due_at,
+                deliveries.c.withheld,
+                messages.c.canonical,
+                messages.c.episode_key,
+                messages.c.patient_key,
             )
-        ).one()
+            .join(messages, messages.c.id == deliveries.c.message_id)
+            .where(deliveries.c.id == event.delivery_id)
+        )
+        if conn.dialect.name == "postgresql":  # two requests for one delivery: one at a time
+            query = query.with_for_update(of=deliveries)
+        row = (await conn.execute(query)).one()
         wanted = event.data.get("channel", row.channel)
         attempt = int(event.data.get("attempt", 1))
         if row.state not in SENDABLE or wanted != row.channel or attempt != row.attempts + 1:
@@ -149,7 +152,7 @@ class DeliverStage(Stage):
                     event.delivery_id,
                     event.message_id,
                     row.recipient_hsa_id,
-                    json.loads(row.canonical),
+                    withhold(json.loads(row.canonical), withheld_kinds(row.withheld)),
                     address=endpoint.address if endpoint else "",
                     attempt=attempt,
                     dedup_key=event.delivery_id,

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.model.bundle import read_bundle
+from gateway.model.bundle import read_bundle, withheld_kinds, withhold
 from gateway.model.events import LusEvent
 from gateway.pipeline import ledger
 from gateway.pipeline.ledger import VISIBLE_IN_INBOX, Actor, State
@@ -44,6 +44,7 @@ def _visible(org: str):  # type: ignore[no-untyped-def]
             deliveries.c.updated_at,
             deliveries.c.superseded_by,
             deliveries.c.retracted_by,
+            deliveries.c.withheld,
             messages.c.canonical,
             messages.c.patient_key,
             messages.c.received_at,
@@ -84,6 +85,11 @@ def _summary(row: Any, bundle: dict[str, Any], *, in_list: bool) -> dict[str, An
     }
 
 
+def _bundle(row: Any) -> dict[str, Any]:
+    """The message as this recipient may see it (without content withheld from its role)."""
+    return withhold(json.loads(row.canonical), withheld_kinds(row.withheld))
+
+
 async def list_notices(conn: AsyncConnection, org: str, limit: int = 200) -> list[dict[str, Any]]:
     return [summary for _, summary in await list_notices_keyed(conn, org, limit)]
 
@@ -95,14 +101,14 @@ async def list_notices_keyed(
     rows = (
         await conn.execute(_visible(org).order_by(messages.c.received_at.desc()).limit(limit))
     ).all()
-    return [(r.patient_key, _summary(r, json.loads(r.canonical), in_list=True)) for r in rows]
+    return [(r.patient_key, _summary(r, _bundle(r), in_list=True)) for r in rows]
 
 
 async def get_notice(conn: AsyncConnection, org: str, delivery_id: str) -> Notice | None:
     row = (await conn.execute(_visible(org).where(deliveries.c.id == delivery_id))).first()
     if row is None:
         return None
-    bundle = json.loads(row.canonical)
+    bundle = _bundle(row)
     return Notice(
         row.id, row.message_id, row.patient_key, _summary(row, bundle, in_list=False), bundle
     )

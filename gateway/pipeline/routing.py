@@ -43,16 +43,43 @@ class Rule:
     for_information: frozenset[str]
 
 
+@dataclass(frozen=True, slots=True)
+class ContentRule:
+    """Content that decides on its own who gets a message: the parties of ``receivers`` get
+    any message carrying it (and must act on it); ``withheld_from`` never see it."""
+
+    receivers: frozenset[str]
+    withheld_from: frozenset[str]
+
+
 class RoutingRules:
-    def __init__(self, rules: dict[LusEvent, Rule]) -> None:
+    def __init__(
+        self, rules: dict[LusEvent, Rule], content: dict[str, ContentRule] | None = None
+    ) -> None:
         self._rules = rules
+        self.content = content or {}
 
     def rule(self, event: LusEvent) -> Rule:
         return self._rules.get(event, Rule(frozenset(), frozenset()))
 
+    def must_receive(self, role: str, contents: frozenset[str]) -> bool:
+        return any(role in self.content[c].receivers for c in contents if c in self.content)
+
+    def withheld(self, role: str, contents: frozenset[str]) -> frozenset[str]:
+        """The contents of a message that a party of ``role`` must not be sent."""
+        return frozenset(
+            c for c in contents if c in self.content and role in self.content[c].withheld_from
+        )
+
     @classmethod
     def load(cls, path: Path) -> RoutingRules:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+        content = {
+            name: ContentRule(
+                frozenset(entry.get("receivers", [])), frozenset(entry.get("withheld_from", []))
+            )
+            for name, entry in data.pop("content", {}).items()
+        }
         rules = {}
         for name, entry in data.items():
             try:
@@ -62,7 +89,7 @@ class RoutingRules:
             rules[event] = Rule(
                 frozenset(entry.get("receivers", [])), frozenset(entry.get("for_information", []))
             )
-        return cls(rules)
+        return cls(rules, content)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,16 +180,18 @@ class RouteStage(Stage):
         await announce_status(conn, key, event.message_id, status, reason)
 
     def _by_rule(self, view: BundleView) -> dict[str, Recipient]:
-        """The parties the message names whose role the rules select for this event."""
+        """The parties the message names whose role the rules select for this event, or
+        whom its content must reach (a medication list reaches the nurses)."""
         rule = self.rules.rule(view.event)
         chosen: dict[str, Recipient] = {}
         for party in view.parties:
             if party.hsa_id in chosen or party.hsa_id == view.sender_hsa_id:
                 continue
-            if party.role in rule.receivers or party.role in rule.for_information:
-                chosen[party.hsa_id] = Recipient(
-                    party.hsa_id, party.name, party.role, party.role not in rule.receivers
-                )
+            must = party.role in rule.receivers or self.rules.must_receive(
+                party.role, view.contents
+            )
+            if must or party.role in rule.for_information:
+                chosen[party.hsa_id] = Recipient(party.hsa_id, party.name, party.role, not must)
         return chosen
 
     async def _with_episode(
@@ -292,6 +321,8 @@ class RouteStage(Stage):
                 due_rule=self.deadlines.receipts.get(view.event.value) if due_at else None,
                 due_at=due_at,
                 escalation_level=0,
+                withheld=",".join(sorted(self.rules.withheld(recipient.role, view.contents)))
+                or None,
                 created_at=now,
                 updated_at=now,
             )

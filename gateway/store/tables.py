@@ -115,6 +115,7 @@ deliveries = Table(
     Column("due_at", UtcDateTime, nullable=True, comment="when the receipt is due"),
     Column("escalation_level", Integer, nullable=False, default=0),
     Column("escalated_from", String(36), nullable=True, comment="the delivery it escalates"),
+    Column("withheld", String(200), nullable=True, comment="contents not for this recipient"),
     UniqueConstraint("message_id", "recipient_hsa_id"),
     Index(None, "recipient_hsa_id", "channel", "state"),
     Index(None, "state", "updated_at"),

@@ -37,6 +37,8 @@ def upgrade() -> None:
                                    server_default="0"))
         batch.add_column(sa.Column("escalated_from", sa.String(length=36), nullable=True,
                                    comment="the delivery it escalates"))
+        batch.add_column(sa.Column("withheld", sa.String(length=200), nullable=True,
+                                   comment="contents not for this recipient"))
         batch.create_index("ix_deliveries_next_check_at", ["next_check_at"])
     op.create_table(
         "delivery_attempts",
@@ -94,7 +96,7 @@ def downgrade() -> None:
     op.drop_table("delivery_attempts")
     with op.batch_alter_table("deliveries") as batch:
         batch.drop_index("ix_deliveries_next_check_at")
-        for name in ("escalated_from", "escalation_level", "due_at", "due_rule",
+        for name in ("withheld", "escalated_from", "escalation_level", "due_at", "due_rule",
                      "next_check_at", "attempts", "district", "municipality"):
             batch.drop_column(name)
     with op.batch_alter_table("messages") as batch:
