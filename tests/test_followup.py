@@ -23,6 +23,7 @@ from gateway.api.auth import TokenKeys
 from gateway.directory import Directory, Endpoint, Hours, Municipality, Organisation
 from gateway.model.bundle import Attachment, CareParty, Coding, Document, MedicationEntry
 from gateway.model.events import LusEvent
+from gateway.pipeline import views
 from gateway.pipeline.channels import (
     ChannelRegistry,
     ChannelRejected,
@@ -162,6 +163,15 @@ async def test_resends_then_falls_back_to_the_next_channel(
     # Every send carried the same dedup key, so a receiver shows a resend once.
     assert {c.dedup_key for c in fhir.sent + hl7.sent} == {done.id}
     assert [c.attempt for c in fhir.sent] == [1, 2, 3]
+    async with db.read() as conn:  # operations see every send in the ledger
+        ledger = await views.message_ledger(conn, mid)
+    assert ledger
+    shown = next(d for d in ledger["deliveries"] if d["delivery_id"] == done.id)
+    assert [(a["channel"], a["outcome"]) for a in shown["attempts"]][-2:] == [
+        ("fhir", "fallback"),
+        ("hl7v2", "received"),
+    ]
+    assert shown["due"]["rule"] == "kvittens" and shown["receipts"][-1]["state"] == "received"
     fixed_clock.at = T0 + timedelta(days=3)  # receipted: it never escalates
     await pipeline.follow_up()
     assert (await rows(db, mid))[CLINIC].escalation_level == 0

@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.store.tables import deliveries, messages, receipt_events
+from gateway.model.bundle import withheld_kinds
+from gateway.store.tables import deliveries, delivery_attempts, messages, receipt_events
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -77,7 +78,12 @@ async def message_ledger(conn: AsyncConnection, message_id: str) -> dict[str, An
                 "state": r.state,
                 "superseded_by": r.superseded_by,
                 "retracted_by": r.retracted_by,
+                "due": {"rule": r.due_rule, "at": _iso(r.due_at)} if r.due_at else None,
+                "escalation_level": r.escalation_level,
+                "escalated_from": r.escalated_from,
+                "withheld": withheld_kinds(r.withheld),
                 "receipts": [],
+                "attempts": [],
             },
         )
         receipt: dict[str, Any] = {"state": r.r_state, "at": _iso(r.r_at)}
@@ -86,6 +92,17 @@ async def message_ledger(conn: AsyncConnection, message_id: str) -> dict[str, An
         if r.r_detail:
             receipt["detail"] = r.r_detail
         entry["receipts"].append(receipt)
+    sends = (
+        await conn.execute(
+            select(delivery_attempts)
+            .where(delivery_attempts.c.delivery_id.in_(list(recipients)))
+            .order_by(delivery_attempts.c.id)
+        )
+    ).all()
+    for a in sends:
+        attempt = {"channel": a.channel or None, "attempt": a.attempt, "outcome": a.outcome}
+        attempt |= {"at": _iso(a.at), "detail": a.detail}
+        recipients[a.delivery_id]["attempts"].append(attempt)
     return {
         "id": msg.id,
         "source": msg.source,
