@@ -78,7 +78,9 @@ def response_bundle(
                 "resource": {
                     "resourceType": "OperationOutcome",
                     "id": "why",
-                    "issue": [{"severity": "error", "code": "processing", "details": {"text": text}}],
+                    "issue": [
+                        {"severity": "error", "code": "processing", "details": {"text": text}}
+                    ],
                 },
             }
         )
@@ -156,17 +158,20 @@ class FhirReceiver(_Receiver):
         self.status = self.code = None
 
     async def _process(self, request: Request) -> Response:
+        body = await request.body()
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.down:
             return Response(status_code=503)
-        bundle = orjson.loads(await request.body())
+        bundle = orjson.loads(body)
         key = str(bundle.get("id", ""))
         self._record(key, bundle)
         if self.status is not None:
             outcome = {
                 "resourceType": "OperationOutcome",
-                "issue": [{"severity": "error", "code": "invalid", "diagnostics": self.reject_text}],
+                "issue": [
+                    {"severity": "error", "code": "invalid", "diagnostics": self.reject_text}
+                ],
             }
             return self._json(outcome, self.status)
         if self.asynchronous:
@@ -182,7 +187,12 @@ class FhirReceiver(_Receiver):
     def start(self) -> FhirReceiver:
         app = Starlette(routes=[Route("/fhir/$process-message", self._process, methods=["POST"])])
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", loop="asyncio", lifespan="off"
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            loop="asyncio",
+            lifespan="off",
         )
         self._server = server = uvicorn.Server(config)
         self._thread = threading.Thread(target=server.run, name="fhir-standin", daemon=True)
@@ -272,9 +282,12 @@ class MllpReceiver(_Receiver):
                 return
             started.set()
             loop.run_forever()
-            self._server.close()
+            # connections still open (a delayed answer): end them before the loop goes
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
             with contextlib.suppress(Exception):
-                loop.run_until_complete(self._server.wait_closed())
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._thread = threading.Thread(target=run, name="mllp-standin", daemon=True)
