@@ -11,6 +11,7 @@ async tests use them alike. Start one per recipient; flip the switches at any ti
     fhir.reject = True                     # fatal-error       (mllp: AE)
     fhir.asynchronous = True               # 202, no receipt   (post one: response_bundle)
     fhir.delay = 2.0                       # answer after 2 s  (both; for timeouts)
+    mllp.set(reject=True, reject_text="…") # several at once
     fhir.stop(); fhir.start()              # really away, then back on the same port
     len(fhir.received), len(fhir.shown)    # every post; distinct dedup keys
     fhir.reset()                           # forget what was received, switches off
@@ -109,6 +110,14 @@ class _Receiver:
         self.down = self.reject = False
         self.reject_text = REJECT_TEXT
         self.delay = 0.0
+
+    def set(self, **switches: Any) -> Any:
+        """Flip several switches at once (``rx.set(reject=True, reject_text="…")``)."""
+        for name, value in switches.items():
+            if name.startswith("_") or not hasattr(self, name) or name in ("received", "shown"):
+                raise AttributeError(f"no switch {name!r}")
+            setattr(self, name, value)
+        return self
 
     def _record(self, key: str, message: Any) -> None:
         with self._lock:
