@@ -14,7 +14,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.api import routes_audit, routes_consent, routes_deviations, routes_inbox, routes_ops
+from gateway.api import (
+    routes_audit,
+    routes_consent,
+    routes_deviations,
+    routes_fhir_messaging,
+    routes_inbox,
+    routes_ops,
+)
 from gateway.api.auth import TokenKeys
 from gateway.bus.keys import PatientKeyer
 from gateway.logs import error_fields
@@ -51,6 +58,7 @@ def create_app(
     app.include_router(routes_consent.router)
     app.include_router(routes_audit.router)
     app.include_router(routes_deviations.router)
+    app.include_router(routes_fhir_messaging.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

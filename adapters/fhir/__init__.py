@@ -1,0 +1,1 @@
+"""FHIR messaging: deliver the canonical Bundle to a recipient's FHIR server."""
