@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.api import routes_audit, routes_consent, routes_inbox, routes_ops
+from gateway.api import routes_audit, routes_consent, routes_inbox, routes_ops, routes_stats
 from gateway.api.auth import TokenKeys
 from gateway.bus.keys import PatientKeyer
 from gateway.logs import error_fields
@@ -28,8 +28,8 @@ municipality, and proves per recipient how far each got.
 
 Authenticate with a bearer token: `brygga token --org HSA-ID --role staff` (inbox) or
 `--role ops` (ledger), `--role integration` (FHIR Consent, for the hospital's systems) or
-`--role auditor` (audit trail). Every read of patient data is recorded in the audit trail
-with the token's name, organisation and role.
+`--role auditor` (audit trail); ops and auditor also read the monthly statistics. Every read
+of patient data is recorded in the audit trail with the token's name, organisation and role.
 """
 
 
@@ -50,6 +50,7 @@ def create_app(
     app.include_router(routes_ops.router)
     app.include_router(routes_consent.router)
     app.include_router(routes_audit.router)
+    app.include_router(routes_stats.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
