@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from gateway.api.auth import Caller, require_role
 from gateway.api.openapi import example
@@ -54,7 +54,7 @@ EXAMPLE_STATS = {
         {
             401: "No valid bearer token.",
             403: "The token's role is neither ops nor auditor.",
-            422: "month is not YYYY-MM, or municipality is too long.",
+            422: "month is missing or not YYYY-MM, or municipality is empty or too long.",
         },
     ),
 )
@@ -66,7 +66,6 @@ async def get_stats(
         Query(
             description="Calendar month in Stockholm time, YYYY-MM.",
             examples=["2026-11"],
-            max_length=7,
         ),
     ],
     municipality: Annotated[
@@ -87,7 +86,7 @@ async def get_stats(
     try:
         chosen = Month.parse(month)
     except MonthError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+        raise HTTPException(422, str(exc)) from None
     deadlines = getattr(request.app.state, "deadlines", None)
     async with request.app.state.db.read() as conn:
         return await monthly(conn, chosen, municipality, deadlines)

@@ -446,7 +446,7 @@ async def _stays(
                 row.sip_stays += 1
                 if any(at <= due for at in stay.sip_at):
                     row.sip_in_time += 1
-                elif now <= due:
+                elif not stay.sip_at and now <= due:
                     row.sip_pending += 1
             if stay.discharged_at is not None and month.holds(stay.discharged_at):
                 days = stay.days_ready()
