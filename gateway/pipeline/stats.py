@@ -173,6 +173,20 @@ class _Table:
         return [self.rows[k] for k in sorted(self.rows, key=lambda k: (k[0], k[1] or ""))]
 
 
+@dataclass
+class _Query:
+    """One answer being computed: the month, the filter, the time now, the rows so far."""
+
+    conn: AsyncConnection
+    month: Month
+    municipality: str | None
+    now: datetime
+    table: _Table = field(default_factory=_Table)
+
+    def __post_init__(self) -> None:
+        self.start, self.end = self.month.bounds()
+
+
 def _in(column: ColumnElement[Any], start: datetime, end: datetime) -> ColumnElement[bool]:
     return and_(column >= start, column < end)
 
@@ -193,21 +207,18 @@ async def monthly(
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """The month's figures per (municipality, district), optionally for one municipality."""
-    deadlines = deadlines or default_deadlines()
-    now = now or clock.now()
-    start, end = month.bounds()
-    table = _Table()
-    await _acknowledged_in_time(conn, table, start, end, municipality, now)
-    await _minutes_to_read(conn, table, start, end, municipality)
-    await _stays(conn, table, month, municipality, deadlines, now)
-    await _plain_counts(conn, table, start, end, municipality)
+    q = _Query(conn, month, municipality, now or clock.now())
+    await _acknowledged_in_time(q)
+    await _minutes_to_read(q)
+    await _stays(q, deadlines or default_deadlines())
+    await _plain_counts(q)
     return {
         "month": str(month),
         "time_zone": "Europe/Stockholm",
-        "from": start.isoformat(),
-        "until": end.isoformat(),
+        "from": q.start.isoformat(),
+        "until": q.end.isoformat(),
         "municipality": municipality,
-        "groups": [f.as_dict() for f in table.sorted()],
+        "groups": [f.as_dict() for f in q.table.sorted()],
     }
 
 
@@ -215,17 +226,11 @@ def _where_town(column: ColumnElement[Any], municipality: str | None) -> ColumnE
     return column == municipality if municipality else column.is_not(None)
 
 
-async def _acknowledged_in_time(
-    conn: AsyncConnection,
-    table: _Table,
-    start: datetime,
-    end: datetime,
-    municipality: str | None,
-    now: datetime,
-) -> None:
+async def _acknowledged_in_time(q: _Query) -> None:
     """Deliveries that must be acted on and whose receipt fell due in the month: how many
     were acknowledged at or before ``due_at``. Not for-information copies, not escalations
     (they are the follow-up's own notices), not notices a cancellation retracted."""
+    start, end, municipality, now = q.start, q.end, q.municipality, q.now
     ack = receipt_events.alias("ack")
     d = deliveries.c
     in_time = func.sum(case((ack.c.at <= d.due_at, 1), else_=0))
@@ -247,20 +252,15 @@ async def _acknowledged_in_time(
         )
         .group_by(d.municipality, d.district)
     )
-    for town, district, due, on_time, waiting in await conn.execute(stmt):
-        row = table.at(town, district)
+    for town, district, due, on_time, waiting in await q.conn.execute(stmt):
+        row = q.table.at(town, district)
         row.ack_due, row.ack_in_time, row.ack_pending = due, int(on_time or 0), int(waiting or 0)
 
 
-async def _minutes_to_read(
-    conn: AsyncConnection,
-    table: _Table,
-    start: datetime,
-    end: datetime,
-    municipality: str | None,
-) -> None:
+async def _minutes_to_read(q: _Query) -> None:
     """Every delivery delivered in the month and read: minutes from the ``delivered`` receipt
     to the ``read`` receipt; the median per place (computed here: SQLite has no median)."""
+    start, end, municipality = q.start, q.end, q.municipality
     delivered, read = receipt_events.alias("delivered"), receipt_events.alias("read")
     d = deliveries.c
     stmt = (
@@ -273,18 +273,13 @@ async def _minutes_to_read(
         )
         .where(_in(delivered.c.at, start, end), _where_town(d.municipality, municipality))
     )
-    for town, district, delivered_at, read_at in await conn.execute(stmt):
+    for town, district, delivered_at, read_at in await q.conn.execute(stmt):
         minutes = max((read_at - delivered_at).total_seconds(), 0) / 60
-        table.at(town, district).read_minutes.append(minutes)
+        q.table.at(town, district).read_minutes.append(minutes)
 
 
-async def _plain_counts(
-    conn: AsyncConnection,
-    table: _Table,
-    start: datetime,
-    end: datetime,
-    municipality: str | None,
-) -> None:
+async def _plain_counts(q: _Query) -> None:
+    start, end, municipality = q.start, q.end, q.municipality
     d = deliveries.c
     # Deliveries created in the month, by the channel they were last sent by (never sent:
     # held, denied or failed before a channel was chosen, so not counted here).
@@ -297,8 +292,8 @@ async def _plain_counts(
         )
         .group_by(d.municipality, d.district, d.channel)
     )
-    for town, district, channel, n in await conn.execute(stmt):
-        table.at(town, district).channels[channel] = n
+    for town, district, channel, n in await q.conn.execute(stmt):
+        q.table.at(town, district).channels[channel] = n
 
     # Fallbacks: attempts in the month that gave up a channel for the next one.
     stmt = (
@@ -311,8 +306,8 @@ async def _plain_counts(
         )
         .group_by(d.municipality, d.district)
     )
-    for town, district, n in await conn.execute(stmt):
-        table.at(town, district).fallbacks = n
+    for town, district, n in await q.conn.execute(stmt):
+        q.table.at(town, district).fallbacks = n
 
     # Escalations created in the month, counted where the late delivery's recipient is (an
     # escalation to the sending ward has no municipality of its own).
@@ -324,8 +319,8 @@ async def _plain_counts(
         .where(_in(esc.c.created_at, start, end), _where_town(late.c.municipality, municipality))
         .group_by(late.c.municipality, late.c.district)
     )
-    for town, district, n in await conn.execute(stmt):
-        table.at(town, district).escalations = n
+    for town, district, n in await q.conn.execute(stmt):
+        q.table.at(town, district).escalations = n
 
     # Deviations raised in the month, by their status now.
     v = deviations.c
@@ -334,8 +329,8 @@ async def _plain_counts(
         .where(_in(v.raised_at, start, end), _where_town(v.municipality, municipality))
         .group_by(v.municipality, v.district, v.status)
     )
-    for town, district, status, n in await conn.execute(stmt):
-        row = table.at(town, district)
+    for town, district, status, n in await q.conn.execute(stmt):
+        row = q.table.at(town, district)
         if status == "answered":
             row.deviations_answered += n
         else:
@@ -387,18 +382,11 @@ class Stay:
         return (out - ready).days + 1
 
 
-async def _stays(
-    conn: AsyncConnection,
-    table: _Table,
-    month: Month,
-    municipality: str | None,
-    deadlines: Deadlines,
-    now: datetime,
-) -> None:
+async def _stays(q: _Query, deadlines: Deadlines) -> None:
     """SIP within 3 days (stays ready in the month) and days from ready to discharge (stays
     discharged in the month). A stay is an ``episode_key``; it belongs to the places of its
     messages' recipients (escalations aside)."""
-    start, end = month.bounds()
+    start, end, month, municipality = q.start, q.end, q.month, q.municipality
     m = messages.c
     candidates = (
         select(m.episode_key)
@@ -411,7 +399,7 @@ async def _stays(
         .scalar_subquery()
     )
     events: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
-    rows = await conn.execute(
+    rows = await q.conn.execute(
         select(m.episode_key, m.event, m.occurred_at, m.received_at).where(
             m.episode_key.in_(candidates), m.event.in_([e.value for e in _STAY_EVENTS])
         )
@@ -423,7 +411,7 @@ async def _stays(
 
     d = deliveries.c
     places: dict[str, set[Place]] = defaultdict(set)
-    rows = await conn.execute(
+    rows = await q.conn.execute(
         select(m.episode_key, d.municipality, d.district)
         .select_from(deliveries.join(messages, d.message_id == m.id))
         .where(
@@ -439,14 +427,14 @@ async def _stays(
     for episode, history in events.items():
         stay = Stay.of(history)
         for town, district in _narrowest(places.get(episode, set())):
-            row = table.at(town, district)
+            row = q.table.at(town, district)
             if stay.ready_at is not None and month.holds(stay.ready_at):
                 rule = deadlines.rule(SIP_RULE, town if town in deadlines.municipalities else None)
                 due = rule.due(stay.ready_at)
                 row.sip_stays += 1
                 if any(at <= due for at in stay.sip_at):
                     row.sip_in_time += 1
-                elif not stay.sip_at and now <= due:
+                elif not stay.sip_at and q.now <= due:
                     row.sip_pending += 1
             if stay.discharged_at is not None and month.holds(stay.discharged_at):
                 days = stay.days_ready()
