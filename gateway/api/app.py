@@ -21,6 +21,7 @@ from gateway.api import (
     routes_fhir_messaging,
     routes_inbox,
     routes_ops,
+    routes_stats,
 )
 from gateway.api.auth import TokenKeys
 from gateway.bus.keys import PatientKeyer
@@ -35,8 +36,8 @@ municipality, and proves per recipient how far each got.
 
 Authenticate with a bearer token: `brygga token --org HSA-ID --role staff` (inbox) or
 `--role ops` (ledger), `--role integration` (FHIR Consent, for the hospital's systems) or
-`--role auditor` (audit trail). Every read of patient data is recorded in the audit trail
-with the token's name, organisation and role.
+`--role auditor` (audit trail); ops and auditor also read the monthly statistics. Every read
+of patient data is recorded in the audit trail with the token's name, organisation and role.
 """
 
 
@@ -59,6 +60,7 @@ def create_app(
     app.include_router(routes_audit.router)
     app.include_router(routes_deviations.router)
     app.include_router(routes_fhir_messaging.router)
+    app.include_router(routes_stats.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

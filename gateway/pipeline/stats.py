@@ -1,0 +1,449 @@
+"""Monthly figures per municipality and city district, as municipalities and the region follow
+them (DOMAIN.md, "Statistics"). Pure query and computation; the HTTP route is
+:mod:`gateway.api.routes_stats`, and docs/operations.md ("Statistics") says how each figure
+is counted.
+
+Counts that are plain grouping run in SQL (the same statements on SQLite and PostgreSQL);
+figures that need the calendar (Stockholm days, the LUS clocks) and the median run here in
+Python over the month's rows. No figure carries patient data: only counts, minutes, days and
+the municipality and district codes.
+
+Month: the calendar month in Europe/Stockholm, so 2026-11-30 23:30 local time (22:30 UTC)
+is November and 2026-12-01 00:30 local time (2026-11-30 23:30 UTC) is December.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
+
+from gateway import clock
+from gateway.clock import STOCKHOLM
+from gateway.model.events import LusEvent
+from gateway.pipeline.deadlines import Deadlines
+from gateway.pipeline.ledger import State
+from gateway.store.tables import (
+    deliveries,
+    delivery_attempts,
+    deviations,
+    messages,
+    receipt_events,
+)
+from mappings import MAPPINGS_DIR
+
+SIP_RULE = "kallelse-sip"
+_MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
+# The events that make up a stay's clock: ready, its cancellation, SIP, discharge, its cancellation.
+_STAY_EVENTS = (
+    LusEvent.UTSKRIVNINGSKLAR,
+    LusEvent.MAKULERA_UTSKRIVNINGSKLAR,
+    LusEvent.KALLELSE_SIP,
+    LusEvent.UTSKRIVNINGSMEDDELANDE,
+    LusEvent.MAKULERA_UTSKRIVNING,
+)
+
+Place = tuple[str, str | None]  # (municipality, district or None)
+
+
+class MonthError(ValueError):
+    """The month is not YYYY-MM; the message says how to write it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Month:
+    year: int
+    month: int
+
+    @classmethod
+    def parse(cls, text: str) -> Month:
+        found = _MONTH.fullmatch(text.strip())
+        if not found:
+            raise MonthError("month must be a calendar month written YYYY-MM, e.g. 2026-11")
+        return cls(int(found[1]), int(found[2]))
+
+    def __str__(self) -> str:
+        return f"{self.year:04d}-{self.month:02d}"
+
+    @property
+    def first_day(self) -> date:
+        return date(self.year, self.month, 1)
+
+    @property
+    def next_first_day(self) -> date:
+        return date(self.year + self.month // 12, self.month % 12 + 1, 1)
+
+    def bounds(self) -> tuple[datetime, datetime]:
+        """[start, end) of the month: local midnights in Stockholm, as aware datetimes."""
+        return (
+            datetime.combine(self.first_day, time(0), STOCKHOLM),
+            datetime.combine(self.next_first_day, time(0), STOCKHOLM),
+        )
+
+    def holds(self, moment: datetime) -> bool:
+        start, end = self.bounds()
+        return start <= moment < end
+
+
+@lru_cache(maxsize=4)
+def default_deadlines(path: Path = MAPPINGS_DIR / "deadlines" / "lus.toml") -> Deadlines:
+    return Deadlines.load(path)
+
+
+def share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+@dataclass
+class Figures:
+    """One (municipality, district): the month's figures."""
+
+    municipality: str
+    district: str | None
+    ack_in_time: int = 0
+    ack_due: int = 0
+    ack_pending: int = 0  # not acknowledged yet, and its clock still runs
+    read_minutes: list[float] = field(default_factory=list)
+    sip_in_time: int = 0
+    sip_stays: int = 0
+    sip_pending: int = 0  # no invitation yet, and the 3 days are not over
+    stay_days: list[int] = field(default_factory=list)
+    channels: dict[str, int] = field(default_factory=dict)
+    fallbacks: int = 0
+    escalations: int = 0
+    deviations_open: int = 0
+    deviations_answered: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        days = self.stay_days
+        return {
+            "municipality": self.municipality,
+            "district": self.district,
+            "notices_acknowledged_in_time": {
+                "in_time": self.ack_in_time,
+                "due": self.ack_due,
+                "pending": self.ack_pending,
+                "share": share(self.ack_in_time, self.ack_due),
+            },
+            "minutes_to_read": {
+                "read": len(self.read_minutes),
+                "median": round(statistics.median(self.read_minutes), 1)
+                if self.read_minutes
+                else None,
+            },
+            "sip_invited_within_3_days": {
+                "in_time": self.sip_in_time,
+                "stays": self.sip_stays,
+                "pending": self.sip_pending,
+                "share": share(self.sip_in_time, self.sip_stays),
+            },
+            "days_ready_to_discharge": {
+                "stays": len(days),
+                "days": sum(days),
+                "average": round(sum(days) / len(days), 2) if days else None,
+            },
+            "deliveries_by_channel": dict(sorted(self.channels.items())),
+            "fallbacks": self.fallbacks,
+            "escalations": self.escalations,
+            "deviations": {"open": self.deviations_open, "answered": self.deviations_answered},
+        }
+
+
+class _Table:
+    def __init__(self) -> None:
+        self.rows: dict[Place, Figures] = {}
+
+    def at(self, municipality: str, district: str | None) -> Figures:
+        key = (municipality, district or None)
+        if key not in self.rows:
+            self.rows[key] = Figures(municipality, district or None)
+        return self.rows[key]
+
+    def sorted(self) -> list[Figures]:
+        return [self.rows[k] for k in sorted(self.rows, key=lambda k: (k[0], k[1] or ""))]
+
+
+@dataclass
+class _Query:
+    """One answer being computed: the month, the filter, the time now, the rows so far."""
+
+    conn: AsyncConnection
+    month: Month
+    municipality: str | None
+    now: datetime
+    table: _Table = field(default_factory=_Table)
+
+    def __post_init__(self) -> None:
+        self.start, self.end = self.month.bounds()
+
+
+def _in(column: ColumnElement[Any], start: datetime, end: datetime) -> ColumnElement[bool]:
+    return and_(column >= start, column < end)
+
+
+def _event_time_in(start: datetime, end: datetime) -> ColumnElement[bool]:
+    """The message's event time (``occurred_at``, else ``received_at``) is in [start, end)."""
+    return or_(
+        _in(messages.c.occurred_at, start, end),
+        and_(messages.c.occurred_at.is_(None), _in(messages.c.received_at, start, end)),
+    )
+
+
+async def monthly(
+    conn: AsyncConnection,
+    month: Month,
+    municipality: str | None = None,
+    deadlines: Deadlines | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The month's figures per (municipality, district), optionally for one municipality."""
+    q = _Query(conn, month, municipality, now or clock.now())
+    await _acknowledged_in_time(q)
+    await _minutes_to_read(q)
+    await _stays(q, deadlines or default_deadlines())
+    await _plain_counts(q)
+    return {
+        "month": str(month),
+        "time_zone": "Europe/Stockholm",
+        "from": q.start.isoformat(),
+        "until": q.end.isoformat(),
+        "municipality": municipality,
+        "groups": [f.as_dict() for f in q.table.sorted()],
+    }
+
+
+def _where_town(column: ColumnElement[Any], municipality: str | None) -> ColumnElement[bool]:
+    return column == municipality if municipality else column.is_not(None)
+
+
+async def _acknowledged_in_time(q: _Query) -> None:
+    """Deliveries that must be acted on and whose receipt fell due in the month: how many
+    were acknowledged at or before ``due_at``. Not for-information copies, not escalations
+    (they are the follow-up's own notices), not notices a cancellation retracted."""
+    start, end, municipality, now = q.start, q.end, q.municipality, q.now
+    ack = receipt_events.alias("ack")
+    d = deliveries.c
+    in_time = func.sum(case((ack.c.at <= d.due_at, 1), else_=0))
+    pending = func.sum(case((and_(ack.c.at.is_(None), d.due_at > now), 1), else_=0))
+    stmt = (
+        select(d.municipality, d.district, func.count(), in_time, pending)
+        .select_from(
+            deliveries.outerjoin(
+                ack, and_(ack.c.delivery_id == d.id, ack.c.state == State.ACKNOWLEDGED.value)
+            )
+        )
+        .where(
+            d.for_information.is_(False),
+            d.escalated_from.is_(None),
+            d.retracted_by.is_(None),
+            d.due_at.is_not(None),
+            _in(d.due_at, start, end),
+            _where_town(d.municipality, municipality),
+        )
+        .group_by(d.municipality, d.district)
+    )
+    for town, district, due, on_time, waiting in await q.conn.execute(stmt):
+        row = q.table.at(town, district)
+        row.ack_due, row.ack_in_time, row.ack_pending = due, int(on_time or 0), int(waiting or 0)
+
+
+async def _minutes_to_read(q: _Query) -> None:
+    """Every delivery delivered in the month and read: minutes from the ``delivered`` receipt
+    to the ``read`` receipt; the median per place (computed here: SQLite has no median)."""
+    start, end, municipality = q.start, q.end, q.municipality
+    delivered, read = receipt_events.alias("delivered"), receipt_events.alias("read")
+    d = deliveries.c
+    stmt = (
+        select(d.municipality, d.district, delivered.c.at, read.c.at)
+        .select_from(
+            deliveries.join(
+                delivered,
+                and_(delivered.c.delivery_id == d.id, delivered.c.state == State.DELIVERED.value),
+            ).join(read, and_(read.c.delivery_id == d.id, read.c.state == State.READ.value))
+        )
+        .where(_in(delivered.c.at, start, end), _where_town(d.municipality, municipality))
+    )
+    for town, district, delivered_at, read_at in await q.conn.execute(stmt):
+        minutes = max((read_at - delivered_at).total_seconds(), 0) / 60
+        q.table.at(town, district).read_minutes.append(minutes)
+
+
+async def _plain_counts(q: _Query) -> None:
+    start, end, municipality = q.start, q.end, q.municipality
+    d = deliveries.c
+    # Deliveries created in the month, by the channel they were last sent by (never sent:
+    # held, denied or failed before a channel was chosen, so not counted here).
+    stmt = (
+        select(d.municipality, d.district, d.channel, func.count())
+        .where(
+            _in(d.created_at, start, end),
+            d.channel.is_not(None),
+            _where_town(d.municipality, municipality),
+        )
+        .group_by(d.municipality, d.district, d.channel)
+    )
+    for town, district, channel, n in await q.conn.execute(stmt):
+        q.table.at(town, district).channels[channel] = n
+
+    # Fallbacks: attempts in the month that gave up a channel for the next one.
+    stmt = (
+        select(d.municipality, d.district, func.count())
+        .select_from(delivery_attempts.join(deliveries, delivery_attempts.c.delivery_id == d.id))
+        .where(
+            delivery_attempts.c.outcome == "fallback",
+            _in(delivery_attempts.c.at, start, end),
+            _where_town(d.municipality, municipality),
+        )
+        .group_by(d.municipality, d.district)
+    )
+    for town, district, n in await q.conn.execute(stmt):
+        q.table.at(town, district).fallbacks = n
+
+    # Escalations created in the month, counted where the late delivery's recipient is (an
+    # escalation to the sending ward has no municipality of its own).
+    late = deliveries.alias("late")
+    esc = deliveries.alias("esc")
+    stmt = (
+        select(late.c.municipality, late.c.district, func.count())
+        .select_from(esc.join(late, esc.c.escalated_from == late.c.id))
+        .where(_in(esc.c.created_at, start, end), _where_town(late.c.municipality, municipality))
+        .group_by(late.c.municipality, late.c.district)
+    )
+    for town, district, n in await q.conn.execute(stmt):
+        q.table.at(town, district).escalations = n
+
+    # Deviations raised in the month, by their status now.
+    v = deviations.c
+    stmt = (
+        select(v.municipality, v.district, v.status, func.count())
+        .where(_in(v.raised_at, start, end), _where_town(v.municipality, municipality))
+        .group_by(v.municipality, v.district, v.status)
+    )
+    for town, district, status, n in await q.conn.execute(stmt):
+        row = q.table.at(town, district)
+        if status == "answered":
+            row.deviations_answered += n
+        else:
+            row.deviations_open += n
+
+
+@dataclass
+class Stay:
+    """One hospital stay's clock, from its messages in time order."""
+
+    ready_at: datetime | None = None
+    discharged_at: datetime | None = None
+    sip_at: list[datetime] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, events: Iterable[tuple[datetime, str]]) -> Stay:
+        """A cancellation of ready-for-discharge stops its clock, and a later ready message
+        starts it anew; a later version of a ready message does not move the start. The
+        discharge is the latest discharge message not cancelled."""
+        stay = cls()
+        for at, event in sorted(events):
+            if event == LusEvent.UTSKRIVNINGSKLAR and stay.ready_at is None:
+                stay.ready_at = at
+            elif event == LusEvent.MAKULERA_UTSKRIVNINGSKLAR:
+                stay.ready_at = None
+            elif event == LusEvent.UTSKRIVNINGSMEDDELANDE:
+                stay.discharged_at = at
+            elif event == LusEvent.MAKULERA_UTSKRIVNING:
+                stay.discharged_at = None
+            elif event == LusEvent.KALLELSE_SIP:
+                stay.sip_at.append(at)
+        return stay
+
+    def days_ready(self) -> int | None:
+        """Calendar days from ready-for-discharge to discharge, day 0 included.
+
+        The regional payment model counts "kalenderdagar inklusive dag noll" (001:1501; the
+        table at 001:1508-1513: "1,3 kalenderdagar inkl. dag 0"): the day the patient was
+        judged ready is day 0 and counts as a day, and every calendar day after it up to and
+        including the day of discharge counts too, weekends and holidays alike. Ready and
+        discharged the same day: 1; ready on Friday, discharged on Monday: 4.
+        """
+        if self.ready_at is None or self.discharged_at is None:
+            return None
+        if self.discharged_at < self.ready_at:
+            return None
+        ready = self.ready_at.astimezone(STOCKHOLM).date()
+        out = self.discharged_at.astimezone(STOCKHOLM).date()
+        return (out - ready).days + 1
+
+
+async def _stays(q: _Query, deadlines: Deadlines) -> None:
+    """SIP within 3 days (stays ready in the month) and days from ready to discharge (stays
+    discharged in the month). A stay is an ``episode_key``; it belongs to the places of its
+    messages' recipients (escalations aside)."""
+    start, end, month, municipality = q.start, q.end, q.month, q.municipality
+    m = messages.c
+    candidates = (
+        select(m.episode_key)
+        .where(
+            m.episode_key.is_not(None),
+            m.event.in_([LusEvent.UTSKRIVNINGSKLAR.value, LusEvent.UTSKRIVNINGSMEDDELANDE.value]),
+            _event_time_in(start, end),
+        )
+        .distinct()
+        .scalar_subquery()
+    )
+    events: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
+    rows = await q.conn.execute(
+        select(m.episode_key, m.event, m.occurred_at, m.received_at).where(
+            m.episode_key.in_(candidates), m.event.in_([e.value for e in _STAY_EVENTS])
+        )
+    )
+    for episode, event, occurred_at, received_at in rows:
+        events[episode].append((occurred_at or received_at, event))
+    if not events:
+        return
+
+    d = deliveries.c
+    places: dict[str, set[Place]] = defaultdict(set)
+    rows = await q.conn.execute(
+        select(m.episode_key, d.municipality, d.district)
+        .select_from(deliveries.join(messages, d.message_id == m.id))
+        .where(
+            m.episode_key.in_(candidates),
+            d.escalated_from.is_(None),
+            _where_town(d.municipality, municipality),
+        )
+        .distinct()
+    )
+    for episode, town, district in rows:
+        places[episode].add((town, district or None))
+
+    for episode, history in events.items():
+        stay = Stay.of(history)
+        for town, district in _narrowest(places.get(episode, set())):
+            row = q.table.at(town, district)
+            if stay.ready_at is not None and month.holds(stay.ready_at):
+                rule = deadlines.rule(SIP_RULE, town if town in deadlines.municipalities else None)
+                due = rule.due(stay.ready_at)
+                row.sip_stays += 1
+                if any(at <= due for at in stay.sip_at):
+                    row.sip_in_time += 1
+                elif not stay.sip_at and q.now <= due:
+                    row.sip_pending += 1
+            if stay.discharged_at is not None and month.holds(stay.discharged_at):
+                days = stay.days_ready()
+                if days is not None:
+                    row.stay_days.append(days)
+
+
+def _narrowest(places: set[Place]) -> set[Place]:
+    """A stay seen by a district's units and by units of the same municipality without a
+    district is counted in the district only, so no municipality counts it twice."""
+    with_district = {town for town, district in places if district}
+    return {(t, d) for t, d in places if d or t not in with_district}
