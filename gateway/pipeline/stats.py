@@ -228,20 +228,25 @@ def _where_town(column: ColumnElement[Any], municipality: str | None) -> ColumnE
 
 async def _acknowledged_in_time(q: _Query) -> None:
     """Deliveries that must be acted on and whose receipt fell due in the month: how many
-    were acknowledged at or before ``due_at``. Not for-information copies, not escalations
-    (they are the follow-up's own notices), not notices a cancellation retracted."""
+    were receipted (application receipt or kvittens) at or before ``due_at``. Not
+    for-information copies, not escalations (they are the follow-up's own notices), not
+    notices a cancellation retracted."""
     start, end, municipality, now = q.start, q.end, q.municipality, q.now
-    ack = receipt_events.alias("ack")
+    # The receipt: the recipient system's application receipt or a person's kvittens,
+    # whichever came first (decision 0010).
+    r = receipt_events.c
+    ack = (
+        select(r.delivery_id, func.min(r.at).label("at"))
+        .where(r.state.in_([State.RECEIVED.value, State.ACKNOWLEDGED.value]))
+        .group_by(r.delivery_id)
+        .subquery("ack")
+    )
     d = deliveries.c
     in_time = func.sum(case((ack.c.at <= d.due_at, 1), else_=0))
     pending = func.sum(case((and_(ack.c.at.is_(None), d.due_at > now), 1), else_=0))
     stmt = (
         select(d.municipality, d.district, func.count(), in_time, pending)
-        .select_from(
-            deliveries.outerjoin(
-                ack, and_(ack.c.delivery_id == d.id, ack.c.state == State.ACKNOWLEDGED.value)
-            )
-        )
+        .select_from(deliveries.outerjoin(ack, ack.c.delivery_id == d.id))
         .where(
             d.for_information.is_(False),
             d.escalated_from.is_(None),
