@@ -176,6 +176,8 @@ class FollowUp:
                 deliveries.c.due_at,
                 deliveries.c.escalation_level,
                 deliveries.c.next_check_at,
+                deliveries.c.superseded_by,
+                deliveries.c.retracted_by,
                 messages.c.patient_key,
             )
             .join(messages, messages.c.id == deliveries.c.message_id)
@@ -186,6 +188,11 @@ class FollowUp:
         row = (await conn.execute(query)).one_or_none()
         if row is None or row.next_check_at is None or row.next_check_at > now:
             return  # another worker took it, or it moved on since
+        if row.superseded_by or row.retracted_by:  # the newer version (or the cancellation)
+            await conn.execute(  # carries the obligation now, with a clock of its own
+                update(deliveries).where(deliveries.c.id == delivery_id).values(next_check_at=None)
+            )
+            return
         channel = self.channels.get(row.channel) if row.channel else None
         last = (
             await conn.execute(

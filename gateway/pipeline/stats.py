@@ -230,7 +230,7 @@ async def _acknowledged_in_time(q: _Query) -> None:
     """Deliveries that must be acted on and whose receipt fell due in the month: how many
     were receipted (application receipt or kvittens) at or before ``due_at``. Not
     for-information copies, not escalations (they are the follow-up's own notices), not
-    notices a cancellation retracted."""
+    notices a cancellation retracted or a newer version superseded."""
     start, end, municipality, now = q.start, q.end, q.municipality, q.now
     # The receipt: the recipient system's application receipt or a person's kvittens,
     # whichever came first (decision 0010).
@@ -251,6 +251,7 @@ async def _acknowledged_in_time(q: _Query) -> None:
             d.for_information.is_(False),
             d.escalated_from.is_(None),
             d.retracted_by.is_(None),
+            d.superseded_by.is_(None),  # the newest version carries the obligation
             d.due_at.is_not(None),
             _in(d.due_at, start, end),
             _where_town(d.municipality, municipality),
