@@ -14,7 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.api import routes_audit, routes_consent, routes_inbox, routes_ops
+from gateway.api import (
+    routes_audit,
+    routes_consent,
+    routes_directory,
+    routes_inbox,
+    routes_ops,
+)
 from gateway.api.auth import TokenKeys
 from gateway.bus.keys import PatientKeyer
 from gateway.logs import error_fields
@@ -27,7 +33,8 @@ Brygga moves discharge-coordination messages (LUS) between hospital, primary car
 municipality, and proves per recipient how far each got.
 
 Authenticate with a bearer token: `brygga token --org HSA-ID --role staff` (inbox) or
-`--role ops` (ledger), `--role integration` (FHIR Consent, for the hospital's systems) or
+`--role ops` (ledger), `--role integration` (FHIR Consent, for the hospital's systems),
+`--role directory-admin` (the directory: Organization, HealthcareService, Endpoint) or
 `--role auditor` (audit trail). Every read of patient data is recorded in the audit trail
 with the token's name, organisation and role.
 """
@@ -50,6 +57,7 @@ def create_app(
     app.include_router(routes_ops.router)
     app.include_router(routes_consent.router)
     app.include_router(routes_audit.router)
+    app.include_router(routes_directory.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
