@@ -151,9 +151,9 @@ def _time(t: time) -> str:
 
 
 def organization(org: Organisation, rid: str | None = None) -> dict[str, Any]:
-    address: dict[str, Any] = {
-        "extension": [{"url": MUNICIPALITY_EXT, "valueString": org.municipality}]
-    }
+    address: dict[str, Any] = {}
+    if org.municipality:
+        address["extension"] = [{"url": MUNICIPALITY_EXT, "valueString": org.municipality}]
     if org.district:
         address["district"] = org.district
     return {
