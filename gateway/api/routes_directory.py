@@ -14,11 +14,13 @@ resource, 409 for a delete (or HSA-id change) that would leave others pointing a
 # No "from __future__ import annotations": the routes are made in a loop, and FastAPI must see
 # their parameter types as objects, not as names to look up in this module.
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import audit
 from gateway.api.auth import Caller, require_role
@@ -113,28 +115,59 @@ def _invalid(exc: DirectoryInvalid) -> JSONResponse:
     return outcome(code, exc.path, exc.text, exc.code)
 
 
-async def _save(
-    request: Request, rtype: str, rid: str, resource: Any, who: Caller, if_match: str | None
-) -> JSONResponse:
+async def _change(
+    request: Request,
+    rtype: str,
+    rid: str,
+    who: Caller,
+    if_match: str | None,
+    write: Callable[[AsyncConnection], Awaitable[directory_store.StoredResource | None]],
+) -> JSONResponse | tuple[directory_store.StoredResource, bool]:
+    """One write in one transaction: the If-Match check, the write, its audit entry. The
+    stored resource and whether it is new, or the OperationOutcome to answer."""
     async with request.app.state.db.transaction() as conn:
         current = await directory_store.get(conn, rtype, rid)
         failed = _precondition(current, if_match, rtype)
         if failed is not None:
             return failed
         try:
-            stored = await directory_store.save(conn, rtype, rid, resource)
+            stored = await write(conn)
         except DirectoryInvalid as exc:
             return _invalid(exc)
         except directory_store.Conflict as exc:
             return outcome(409, exc.path, exc.text, "conflict")
-        action = "directory.create" if current is None or current.deleted else "directory.update"
+        if stored is None:
+            return outcome(404, f"{rtype}.id", f"no {rtype} with this id", "not-found")
+        created = current is None or current.deleted
+        action = "delete" if stored.deleted else "create" if created else "update"
         await audit.record(
             conn,
             who.audit_entry(
-                action, audit.PURPOSE_OPERATIONS, "", f"{rtype}/{rid}", f"v{stored.version}"
+                f"directory.{action}",
+                audit.PURPOSE_OPERATIONS,
+                "",
+                f"{rtype}/{rid}",
+                f"v{stored.version}",
             ),
         )
-    return _answer(stored, 201 if current is None or current.deleted else 200)
+    return stored, created
+
+
+async def _save(
+    request: Request, rtype: str, rid: str, resource: Any, who: Caller, if_match: str | None
+) -> JSONResponse:
+    done = await _change(
+        request,
+        rtype,
+        rid,
+        who,
+        if_match,
+        lambda conn: directory_store.save(conn, rtype, rid, resource),
+    )
+    if isinstance(done, JSONResponse):
+        return done
+    stored, created = done
+    return _answer(stored, 201 if created else 200)
 
 
 def _add_routes(rtype: str) -> None:
@@ -206,21 +239,16 @@ def _add_routes(rtype: str) -> None:
         who: Writer,
         if_match: Annotated[str | None, Header()] = None,
     ) -> Any:
-        async with request.app.state.db.transaction() as conn:
-            current = await directory_store.get(conn, rtype, rid)
-            failed = _precondition(current, if_match, rtype)
-            if failed is not None:
-                return failed
-            try:
-                gone = await directory_store.delete(conn, rtype, rid)
-            except directory_store.Conflict as exc:
-                return outcome(409, exc.path, exc.text, "conflict")
-            if gone is None:
-                return outcome(404, f"{rtype}.id", f"no {rtype} with this id", "not-found")
-            await audit.record(
-                conn,
-                who.audit_entry("directory.delete", audit.PURPOSE_OPERATIONS, "", f"{rtype}/{rid}"),
-            )
+        done = await _change(
+            request,
+            rtype,
+            rid,
+            who,
+            if_match,
+            lambda conn: directory_store.delete(conn, rtype, rid),
+        )
+        if isinstance(done, JSONResponse):
+            return done
         return Response(status_code=204)
 
     param = _SEARCH[rtype]
