@@ -137,7 +137,9 @@ def migrate() -> None:
 @app.command()
 def token(
     org: Annotated[str, typer.Option(help="The caller's organisation, an HSA-id.")],
-    role: Annotated[str, typer.Option(help="staff, ops, auditor or integration.")] = "staff",
+    role: Annotated[
+        str, typer.Option(help="staff, ops, auditor, integration or directory-admin.")
+    ] = "staff",
     name: Annotated[str, typer.Option(help="The person's name, recorded in receipts.")] = "",
     hours: Annotated[float, typer.Option(help="Validity.")] = 8.0,
 ) -> None:

@@ -26,7 +26,7 @@ from gateway.bus.keys import PatientKeyer
 from gateway.bus.outbox import Relay
 from gateway.crypto import columns, kek
 from gateway.crypto.keyring import Keyring
-from gateway.directory import Directory
+from gateway.directory import store as directory_store
 from gateway.logs import error_fields
 from gateway.pipeline.channels import ChannelRegistry
 from gateway.pipeline.consent import ConsentStage
@@ -113,7 +113,11 @@ class Gateway:
         await kafka.ensure_topics(bootstrap)
         session_ms = s.consumer_session_timeout_ms or (3000 if self.broker else 10000)
         channels = ChannelRegistry.discover()
-        directory = Directory.load(directory_path(s))
+        # The directory lives in the database (managed over /fhir/Organization, …); the file
+        # seeds it the first time.
+        async with db.transaction() as conn:
+            await directory_store.seed_from_file(conn, directory_path(s))
+            directory = await directory_store.load(conn)
         rules = RoutingRules.load(s.routing_file or MAPPINGS_DIR / "routing" / "lus.toml")
         deadlines = Deadlines.load(s.deadlines_file or DEADLINES_FILE)
         # The patient HMAC key names every pseudonym: created by the stages that key new

@@ -69,7 +69,9 @@ class Settings(BaseSettings):
         None, description="PEM CA bundle: when set, HTTPS clients must present a certificate."
     )
     directory_file: Path | None = Field(
-        None, description="Directory of recipients (TOML); default: the bundled demo directory."
+        None,
+        description="Directory of recipients (TOML, or a FHIR Bundle .json) that seeds the "
+        "directory store when it is empty; default: the bundled demo directory.",
     )
     deadlines_file: Path | None = Field(
         None,

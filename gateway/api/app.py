@@ -18,6 +18,7 @@ from gateway.api import (
     routes_audit,
     routes_consent,
     routes_deviations,
+    routes_directory,
     routes_fhir_messaging,
     routes_inbox,
     routes_ops,
@@ -35,7 +36,8 @@ Brygga moves discharge-coordination messages (LUS) between hospital, primary car
 municipality, and proves per recipient how far each got.
 
 Authenticate with a bearer token: `brygga token --org HSA-ID --role staff` (inbox) or
-`--role ops` (ledger), `--role integration` (FHIR Consent, for the hospital's systems) or
+`--role ops` (ledger), `--role integration` (FHIR Consent, for the hospital's systems),
+`--role directory-admin` (the directory: Organization, HealthcareService, Endpoint) or
 `--role auditor` (audit trail); ops and auditor also read the monthly statistics. Every read
 of patient data is recorded in the audit trail with the token's name, organisation and role.
 """
@@ -61,6 +63,7 @@ def create_app(
     app.include_router(routes_deviations.router)
     app.include_router(routes_fhir_messaging.router)
     app.include_router(routes_stats.router)
+    app.include_router(routes_directory.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -23,7 +23,7 @@ from gateway.keyfiles import ed25519_private_key
 from gateway.model.identifiers import is_hsa_id
 
 ISSUER = "brygga"
-ROLES = frozenset({"staff", "ops", "auditor", "integration"})
+ROLES = frozenset({"staff", "ops", "auditor", "integration", "directory-admin"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ KINDS = frozenset(
 )
 # Every channel a recipient may name, whether or not this installation has its worker.
 CHANNELS = ("fhir", "hl7v2", "vodok", "inbox", "fax", "letter")
+NEEDS_ADDRESS = frozenset({"fhir", "hl7v2"})  # channels that cannot work without one
 _DAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
 
 
@@ -195,6 +196,8 @@ def _organisation(entry: dict[str, Any], where: str) -> Organisation:
     for e in org.endpoints:
         if e.channel not in CHANNELS:
             raise DirectoryError(f"{where}: channel {e.channel!r} must be one of {list(CHANNELS)}")
+        if e.channel in NEEDS_ADDRESS and not e.address:
+            raise DirectoryError(f"{where}: a {e.channel} endpoint needs an address")
     return org
 
 
@@ -203,7 +206,7 @@ def _hours(entry: dict[str, Any], where: str) -> Hours:
     try:
         first, _, last = entry["days"].partition("-")
         lo, hi = _DAYS[first], _DAYS[last or first]
-        return Hours(
+        hours = Hours(
             frozenset(range(lo, hi + 1)),
             time.fromisoformat(entry["opens"]),
             time.fromisoformat(entry["closes"]),
@@ -213,3 +216,11 @@ def _hours(entry: dict[str, Any], where: str) -> Hours:
         raise DirectoryError(
             f"{where}: hours need days like 'mon-fri' and opens/closes like '07:00' ({exc})"
         ) from None
+    if not lo <= hi:
+        raise DirectoryError(f"{where}: hours days {entry['days']!r} run backwards")
+    if hours.closes <= hours.opens:
+        raise DirectoryError(
+            f"{where}: hours close ({entry['closes']}) before they open ({entry['opens']}); "
+            "hours past midnight are two entries"
+        )
+    return hours

@@ -283,3 +283,39 @@ data_keys = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("retired_at", UtcDateTime, nullable=True),
 )
+
+# The directory of recipients as FHIR resources (gateway/directory/store.py): the current
+# version of each; a deletion is a tombstone version, so versions only grow.
+directory_resources = Table(
+    "directory_resources",
+    metadata,
+    Column("resource_type", String(40), primary_key=True, comment="Organization, Endpoint, …"),
+    Column("id", String(64), primary_key=True, comment="the FHIR id"),
+    Column("version", Integer, nullable=False, comment="meta.versionId"),
+    Column("hsa_id", String(64), nullable=True, comment="an Organization's HSA-id"),
+    Column(
+        "organization_id",
+        String(64),
+        nullable=True,
+        comment="HealthcareService.providedBy, Endpoint.managingOrganization",
+    ),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("resource", Text, nullable=False, comment="the FHIR resource, JSON; no patient data"),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index(None, "hsa_id"),
+    Index(None, "organization_id"),
+)
+
+# Which unit serves which patient, per kind of party (the routing role), as messages said.
+care_relations = Table(
+    "care_relations",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("patient_key", String(64), nullable=False, comment="HMAC pseudonym"),
+    Column("kind", String(40), nullable=False, comment="routing role, e.g. hemtjanst-natt"),
+    Column("hsa_id", String(64), nullable=False),
+    Column("message_id", String(36), nullable=True, comment="the message that named it"),
+    Column("recorded_at", UtcDateTime, nullable=False),
+    Column("ended_at", UtcDateTime, nullable=True, comment="set: a later unit of the kind"),
+    Index(None, "patient_key", "kind"),
+)
