@@ -117,7 +117,7 @@ class Gateway:
         # seeds it the first time.
         async with db.transaction() as conn:
             await directory_store.seed_from_file(conn, directory_path(s))
-            directory = await directory_store.load(conn)
+        directory = directory_store.StoredDirectory()  # read per message: API edits count
         rules = RoutingRules.load(s.routing_file or MAPPINGS_DIR / "routing" / "lus.toml")
         deadlines = Deadlines.load(s.deadlines_file or DEADLINES_FILE)
         # The patient HMAC key names every pseudonym: created by the stages that key new

@@ -475,3 +475,28 @@ async def test_content_reaches_the_nurse_and_devices_reach_rehab_but_not_needs_a
         if e["resource"]["resourceType"] == "MessageHeader"
     )
     assert all("DocumentReference" not in f["reference"] for f in header.get("focus", []))
+
+
+async def test_a_provider_the_patient_has_is_told_though_the_message_leaves_it_out(
+    db: Database, fixed_clock: FixedClock
+) -> None:
+    """The night home-care provider named at admission gets the discharge information the
+    hospital sent without it; a rehab unit of the stay is not carried over (not lasting)."""
+    night = "SE5561234567-HT02"
+    pipeline = Pipeline(db)
+    first = canonical(
+        508,
+        encounter_id="V-508",
+        parties=[CareParty("hemtjanst-natt", night, "Natt"), CareParty("rehab", REHAB, "R")],
+    )
+    await pipeline.run(first, "F-8")
+    later = canonical(
+        508,
+        encounter_id="V-508",
+        event=LusEvent.UTSKRIVNINGSMEDDELANDE,
+        parties=[CareParty("hemtjanst", HOME_CARE, "HT")],
+    )
+    mid = await pipeline.run(later, "F-9")
+    now = await rows(db, mid)
+    assert night in now and now[night].role == "hemtjanst-natt" and not now[night].for_information
+    assert REHAB not in now

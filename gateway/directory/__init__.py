@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.clock import STOCKHOLM
 from gateway.model.identifiers import is_hsa_id
@@ -105,6 +105,13 @@ class Municipality:
     deviations: str = ""  # HSA-id whose deviation inbox receives its deviations
 
 
+class DirectorySource(Protocol):
+    """Where the stages get the directory as it is now: per message, so a unit added or an
+    endpoint changed over the API counts from the next message on."""
+
+    async def current(self, conn: Any) -> Directory: ...
+
+
 class DirectoryError(ValueError):
     """The directory file is wrong; the message says where."""
 
@@ -120,6 +127,10 @@ class Directory:
 
     def get(self, hsa_id: str) -> Organisation | None:
         return self._by_hsa.get(hsa_id)
+
+    async def current(self, conn: Any) -> Directory:
+        """A directory held in memory is its own current version (tests, a fixed file)."""
+        return self
 
     def municipality(self, code: str) -> Municipality | None:
         return self._by_code.get(code)

@@ -107,6 +107,14 @@ async def load(conn: AsyncConnection) -> Directory:
 # --------------------------------------------------------------------------- resources
 
 
+class StoredDirectory:
+    """The directory as stored now (a :class:`~gateway.directory.DirectorySource`): what
+    routing, delivery and escalation read, per message, through the cache of :func:`load`."""
+
+    async def current(self, conn: AsyncConnection) -> Directory:
+        return await load(conn)
+
+
 async def get(conn: AsyncConnection, rtype: str, rid: str) -> StoredResource | None:
     row = (
         await conn.execute(select(T).where(T.c.resource_type == rtype, T.c.id == rid))

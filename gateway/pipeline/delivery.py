@@ -20,7 +20,7 @@ from gateway.audit import AuditEntry
 from gateway.bus import topics
 from gateway.bus.outbox import enqueue
 from gateway.bus.topics import Event
-from gateway.directory import Directory
+from gateway.directory import Directory, DirectorySource
 from gateway.model.bundle import withheld_kinds, withhold
 from gateway.model.consent import Outcome, Recipient
 from gateway.pipeline import gate, ledger
@@ -96,7 +96,7 @@ class DeliverStage(Stage):
         self,
         db: Database,
         channels: ChannelRegistry,
-        directory: Directory | None = None,
+        directory: DirectorySource | None = None,
         resend_after: timedelta = timedelta(minutes=30),
     ) -> None:
         super().__init__(db)
@@ -143,7 +143,7 @@ class DeliverStage(Stage):
         channel = self.channels.get(row.channel)
         if channel is None:
             raise LookupError("channel not available in this process")
-        org = self.directory.get(row.recipient_hsa_id)
+        org = (await self.directory.current(conn)).get(row.recipient_hsa_id)
         endpoint = org.endpoint(row.channel) if org else None
         now = clock.now()
         try:

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import audit, clock
 from gateway.audit import AuditEntry
-from gateway.directory import Directory, Organisation
+from gateway.directory import Directory, DirectorySource, Organisation
 from gateway.model.bundle import read_bundle
 from gateway.model.consent import Recipient
 from gateway.pipeline import deviations, gate, ledger
@@ -53,11 +53,12 @@ class Late:
     sender_hsa_id: str
     event: str
     protected_identity: bool
+    directory: Directory  # as it was when the step was taken
 
 
 class Escalator:
     def __init__(
-        self, directory: Directory, channels: ChannelRegistry, escalation: Escalation
+        self, directory: DirectorySource, channels: ChannelRegistry, escalation: Escalation
     ) -> None:
         self.directory = directory
         self.channels = channels
@@ -68,7 +69,7 @@ class Escalator:
     ) -> str | None:
         """The recipient's next channel after ``current`` that this gateway can use (and, for
         a patient with protected identity, one approved for it)."""
-        org = self.directory.get(hsa_id)
+        org = (await self.directory.current(conn)).get(hsa_id)
         if org is None or current not in org.channels:
             return None
         rest = org.channels[org.channels.index(current) + 1 :]
@@ -123,14 +124,14 @@ class Escalator:
             return ""
         if step == "on-call":
             return late.recipient.on_call
-        town = self.directory.municipality(late.recipient.municipality)
+        town = late.directory.municipality(late.recipient.municipality)
         return town.mas if town else ""
 
     async def _send(self, conn: AsyncConnection, late: Late, target: str, now: datetime) -> bool:
         """A delivery of the message to ``target``; False if it already has one."""
         if target == late.recipient_hsa_id:
             return False
-        org = self.directory.get(target)
+        org = late.directory.get(target)
         channel = self.channels.best(org.channels, late.protected_identity) if org else None
         if org is None or channel is None:
             return False
@@ -186,7 +187,8 @@ class Escalator:
         await conn.execute(
             update(deliveries).where(deliveries.c.id == late.id).values(escalation_level=level)
         )
-        name = self.directory.get(target).name if self.directory.get(target) else target  # type: ignore[union-attr]
+        org = late.directory.get(target)
+        name = org.name if org else target
         detail = (
             f"Eskalerad ({_STEPS.get(step, step)}) till {name}"
             if target
@@ -237,7 +239,7 @@ class Escalator:
 
     def _deviation_inbox(self, late: Late) -> str:
         """The municipality's deviation inbox for a municipal recipient; else the ward."""
-        town = self.directory.municipality(late.recipient.municipality) if late.recipient else None
+        town = late.directory.municipality(late.recipient.municipality) if late.recipient else None
         return (town.deviations or town.mas) if town else late.sender_hsa_id
 
     async def _late(self, conn: AsyncConnection, delivery_id: str) -> Late:
@@ -260,12 +262,13 @@ class Escalator:
             )
         ).one()
         view = read_bundle(json.loads(row.canonical))
+        directory = await self.directory.current(conn)
         return Late(
             id=delivery_id,
             message_id=row.message_id,
             patient_key=row.patient_key,
             episode_key=row.episode_key,
-            recipient=self.directory.get(row.recipient_hsa_id),
+            recipient=directory.get(row.recipient_hsa_id),
             recipient_hsa_id=row.recipient_hsa_id,
             recipient_name=row.recipient_name,
             role=row.role,
@@ -275,6 +278,7 @@ class Escalator:
             sender_hsa_id=view.sender_hsa_id,
             event=view.event.display,
             protected_identity=view.protected_identity,
+            directory=directory,
         )
 
 

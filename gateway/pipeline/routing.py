@@ -22,7 +22,8 @@ from gateway import clock
 from gateway.bus import topics
 from gateway.bus.keys import PatientKeyer
 from gateway.bus.topics import Event
-from gateway.directory import Directory, Organisation
+from gateway.directory import Directory, DirectorySource, Organisation
+from gateway.directory import store as directory_store
 from gateway.model.bundle import BundleView, read_bundle
 from gateway.model.consent import Decision, Outcome, decide
 from gateway.model.consent import Recipient as ConsentRecipient
@@ -54,10 +55,14 @@ class ContentRule:
 
 class RoutingRules:
     def __init__(
-        self, rules: dict[LusEvent, Rule], content: dict[str, ContentRule] | None = None
+        self,
+        rules: dict[LusEvent, Rule],
+        content: dict[str, ContentRule] | None = None,
+        lasting: frozenset[str] = frozenset(),
     ) -> None:
         self._rules = rules
         self.content = content or {}
+        self.lasting = lasting  # roles of providers that serve the patient beyond one stay
 
     def rule(self, event: LusEvent) -> Rule:
         return self._rules.get(event, Rule(frozenset(), frozenset()))
@@ -80,6 +85,7 @@ class RoutingRules:
             )
             for name, entry in data.pop("content", {}).items()
         }
+        lasting = frozenset(data.pop("relations", {}).get("roles", []))
         rules = {}
         for name, entry in data.items():
             try:
@@ -89,7 +95,7 @@ class RoutingRules:
             rules[event] = Rule(
                 frozenset(entry.get("receivers", [])), frozenset(entry.get("for_information", []))
             )
-        return cls(rules, content)
+        return cls(rules, content, lasting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +114,7 @@ class RouteStage(Stage):
     def __init__(
         self,
         db: Database,
-        directory: Directory,
+        directory: DirectorySource,
         rules: RoutingRules,
         channels: ChannelRegistry,
         keyer: PatientKeyer,
@@ -135,7 +141,10 @@ class RouteStage(Stage):
         if row.status != "permitted":
             return
         view = read_bundle(json.loads(row.canonical))
-        recipients = self._by_rule(view)
+        directory = await self.directory.current(conn)
+        recipients = await self._with_relations(
+            conn, key, event.message_id, view, bool(row.episode_key)
+        )
         if row.episode_key:
             recipients = await self._with_episode(
                 conn, event.message_id, row.episode_key, view.event, recipients
@@ -163,6 +172,7 @@ class RouteStage(Stage):
                 now,
                 decision,
                 view,
+                directory,
             )
         status, reason = _status(outcomes, bool(recipients))
         summary = _summary(outcomes)
@@ -178,6 +188,28 @@ class RouteStage(Stage):
             )
         )
         await announce_status(conn, key, event.message_id, status, reason)
+
+    async def _with_relations(
+        self, conn: AsyncConnection, key: str, message_id: str, view: BundleView, stay: bool
+    ) -> dict[str, Recipient]:
+        """The parties the rules select, plus (for a message of a stay, not a referral) the
+        providers the directory knows serve the patient in a role the rules select but the
+        message leaves out: the night home-care provider is often missing from a discharge
+        message. What the message names is remembered for the next one."""
+        named = [p for p in view.parties if p.hsa_id != view.sender_hsa_id]
+        await directory_store.remember(conn, key, named, message_id)
+        chosen = self._by_rule(view)
+        if not stay:
+            return chosen
+        rule = self.rules.rule(view.event)
+        for role, hsa_id in await directory_store.providers(conn, key):
+            if hsa_id in chosen or hsa_id == view.sender_hsa_id:
+                continue
+            if role in self.rules.lasting and (
+                role in rule.receivers or role in rule.for_information
+            ):
+                chosen[hsa_id] = Recipient(hsa_id, "", role, role not in rule.receivers)
+        return chosen
 
     def _by_rule(self, view: BundleView) -> dict[str, Recipient]:
         """The parties the message names whose role the rules select for this event, or
@@ -262,6 +294,7 @@ class RouteStage(Stage):
         """
         prior = [self.keyer.key(system, value) for system, value in view.prior_identifiers]
         if prior:
+            await directory_store.merge(conn, prior, key)
             for table in (messages, consents):
                 await conn.execute(
                     update(table)
@@ -299,12 +332,17 @@ class RouteStage(Stage):
         now: datetime,
         decision: Decision,
         view: BundleView,
+        directory: Directory,
     ) -> None:
         protected_identity = view.protected_identity
-        org = self.directory.get(recipient.hsa_id)
+        org = directory.get(recipient.hsa_id)
         channel = self.channels.best(org.channels, protected_identity) if org else None
         delivery_id = str(uuid.uuid4())
-        due_at = None if recipient.for_information else self._receipt_due(view.event, org, now)
+        due_at = (
+            None
+            if recipient.for_information
+            else self._receipt_due(view.event, org, now, directory)
+        )
         await conn.execute(
             deliveries.insert().values(
                 id=delivery_id,
@@ -345,11 +383,11 @@ class RouteStage(Stage):
             await _check_at(conn, delivery_id, due_at)  # held past its deadline: escalate
 
     def _receipt_due(
-        self, event: LusEvent, org: Organisation | None, now: datetime
+        self, event: LusEvent, org: Organisation | None, now: datetime, directory: Directory
     ) -> datetime | None:
         """When the recipient's receipt is due: the event's clock, as the recipient's
         municipality counts it."""
-        town = self.directory.municipality(org.municipality) if org else None
+        town = directory.municipality(org.municipality) if org else None
         return self.deadlines.receipt_due(event.value, now, town.name if town else "")
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
