@@ -500,3 +500,25 @@ async def test_a_provider_the_patient_has_is_told_though_the_message_leaves_it_o
     now = await rows(db, mid)
     assert night in now and now[night].role == "hemtjanst-natt" and not now[night].for_information
     assert REHAB not in now
+
+
+async def test_a_municipality_routes_by_its_own_rules(
+    db: Database, fixed_clock: FixedClock
+) -> None:
+    """Huddinge (0126) has its home care act on the admission notice; Stockholm only informs."""
+    huddinge_care = "SE2120001234-HT09"
+    base = directory((Endpoint("inbox"),))
+    own = Organisation(huddinge_care, "Hemtjänsten Huddinge", "home-care", "0126")
+    pipeline = Pipeline(db, directory=Directory([*base, own], base.municipalities))
+    message = canonical(
+        509,
+        parties=[
+            CareParty("hemtjanst", HOME_CARE, "HT"),
+            CareParty("hemtjanst", huddinge_care, "H"),
+        ],
+    )
+    now = await rows(db, await pipeline.run(message, "F-10"))
+    assert now[HOME_CARE].for_information and now[HOME_CARE].due_at is None
+    assert not now[huddinge_care].for_information
+    # Its receipt clock: Huddinge has no override of kvittens-inskrivning, so the common one.
+    assert now[huddinge_care].due_rule == "kvittens-inskrivning"

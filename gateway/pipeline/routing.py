@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -59,13 +60,17 @@ class RoutingRules:
         rules: dict[LusEvent, Rule],
         content: dict[str, ContentRule] | None = None,
         lasting: frozenset[str] = frozenset(),
+        overrides: dict[str, dict[LusEvent, Rule]] | None = None,
     ) -> None:
         self._rules = rules
         self.content = content or {}
         self.lasting = lasting  # roles of providers that serve the patient beyond one stay
+        self._overrides = overrides or {}  # per municipality code: its own rules
 
-    def rule(self, event: LusEvent) -> Rule:
-        return self._rules.get(event, Rule(frozenset(), frozenset()))
+    def rule(self, event: LusEvent, municipality: str = "") -> Rule:
+        """The rule for ``event``, as the recipient's municipality has it if it has its own."""
+        own = self._overrides.get(municipality, {})
+        return own.get(event) or self._rules.get(event, Rule(frozenset(), frozenset()))
 
     def must_receive(self, role: str, contents: frozenset[str]) -> bool:
         return any(role in self.content[c].receivers for c in contents if c in self.content)
@@ -86,16 +91,24 @@ class RoutingRules:
             for name, entry in data.pop("content", {}).items()
         }
         lasting = frozenset(data.pop("relations", {}).get("roles", []))
-        rules = {}
-        for name, entry in data.items():
-            try:
-                event = LusEvent(name)
-            except ValueError:
-                raise ValueError(f"{path.name}: [{name}] is not a LUS event") from None
-            rules[event] = Rule(
-                frozenset(entry.get("receivers", [])), frozenset(entry.get("for_information", []))
-            )
-        return cls(rules, content, lasting)
+        overrides = {
+            str(code): _event_rules(path, entries, f"municipalities.{code}.")
+            for code, entries in data.pop("municipalities", {}).items()
+        }
+        return cls(_event_rules(path, data), content, lasting, overrides)
+
+
+def _event_rules(path: Path, data: dict[str, Any], where: str = "") -> dict[LusEvent, Rule]:
+    rules = {}
+    for name, entry in data.items():
+        try:
+            event = LusEvent(name)
+        except ValueError:
+            raise ValueError(f"{path.name}: [{where}{name}] is not a LUS event") from None
+        rules[event] = Rule(
+            frozenset(entry.get("receivers", [])), frozenset(entry.get("for_information", []))
+        )
+    return rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +156,7 @@ class RouteStage(Stage):
         view = read_bundle(json.loads(row.canonical))
         directory = await self.directory.current(conn)
         recipients = await self._with_relations(
-            conn, key, event.message_id, view, bool(row.episode_key)
+            conn, key, event.message_id, view, directory, bool(row.episode_key)
         )
         if row.episode_key:
             recipients = await self._with_episode(
@@ -190,7 +203,13 @@ class RouteStage(Stage):
         await announce_status(conn, key, event.message_id, status, reason)
 
     async def _with_relations(
-        self, conn: AsyncConnection, key: str, message_id: str, view: BundleView, stay: bool
+        self,
+        conn: AsyncConnection,
+        key: str,
+        message_id: str,
+        view: BundleView,
+        directory: Directory,
+        stay: bool,
     ) -> dict[str, Recipient]:
         """The parties the rules select, plus (for a message of a stay, not a referral) the
         providers the directory knows serve the patient in a role the rules select but the
@@ -198,27 +217,30 @@ class RouteStage(Stage):
         message. What the message names is remembered for the next one."""
         named = [p for p in view.parties if p.hsa_id != view.sender_hsa_id]
         await directory_store.remember(conn, key, named, message_id)
-        chosen = self._by_rule(view)
+        chosen = self._by_rule(view, directory)
         if not stay:
             return chosen
-        rule = self.rules.rule(view.event)
         for role, hsa_id in await directory_store.providers(conn, key):
             if hsa_id in chosen or hsa_id == view.sender_hsa_id:
                 continue
+            org = directory.get(hsa_id)
+            rule = self.rules.rule(view.event, org.municipality if org else "")
             if role in self.rules.lasting and (
                 role in rule.receivers or role in rule.for_information
             ):
                 chosen[hsa_id] = Recipient(hsa_id, "", role, role not in rule.receivers)
         return chosen
 
-    def _by_rule(self, view: BundleView) -> dict[str, Recipient]:
-        """The parties the message names whose role the rules select for this event, or
-        whom its content must reach (a medication list reaches the nurses)."""
-        rule = self.rules.rule(view.event)
+    def _by_rule(self, view: BundleView, directory: Directory) -> dict[str, Recipient]:
+        """The parties the message names whose role the rules (of the party's municipality,
+        if it has its own) select for this event, or whom its content must reach (a
+        medication list reaches the nurses)."""
         chosen: dict[str, Recipient] = {}
         for party in view.parties:
             if party.hsa_id in chosen or party.hsa_id == view.sender_hsa_id:
                 continue
+            org = directory.get(party.hsa_id)
+            rule = self.rules.rule(view.event, org.municipality if org else "")
             must = party.role in rule.receivers or self.rules.must_receive(
                 party.role, view.contents
             )
