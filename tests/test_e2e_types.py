@@ -102,9 +102,10 @@ def test_a_whole_episode_of_every_message_type_reaches_the_inboxes(
     admit, got = step(golden("episode_01_a01_admit"), "inskrivningsmeddelande")
     assert got == {CLINIC: False, NEEDS: False, HOME: True, NIGHT: True}
 
-    # MDM^T02 PLANERING: planning information as a document, to the parties it names.
+    # MDM^T02 PLANERING: planning information as a document, to the parties it names, and
+    # to the night patrol, which it leaves out: the directory remembers it serves her.
     plan_doc, got = step(golden("mdm_t02_planering_text"), "planeringsunderlag")
-    assert got == {CLINIC: False, NEEDS: False, HOME: False}
+    assert got == {CLINIC: False, NEEDS: False, HOME: False, NIGHT: False}
 
     # A08 with an expected discharge date: a new version of the planning information; it
     # also names the night patrol, and whoever had the document version gets it too.
