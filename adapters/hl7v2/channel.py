@@ -11,13 +11,12 @@ of the patient masked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.hl7v2.render import render
 from adapters.takecare.ack import parse_ack
-from adapters.takecare.mllp import Framer, frame
+from adapters.takecare.mllp import send
 from gateway.pipeline.channel_text import outside_text
 from gateway.pipeline.channels import (
     ChannelRejected,
@@ -61,7 +60,7 @@ class Hl7v2MllpChannel:
         timeout = self.settings.timeout_seconds
         try:
             async with asyncio.timeout(timeout):
-                ack = await self._exchange(host, port, message)
+                ack = (await send(host, port, [message], timeout))[0]
         except TimeoutError:
             raise ChannelUnavailable(f"HL7-mottagaren svarade inte inom {timeout:g} s") from None
         except OSError as exc:
@@ -87,22 +86,3 @@ class Hl7v2MllpChannel:
                 f"Mottagarens system kunde inte ta emot nu (HL7 {code}){suffix}"
             )
         raise ChannelUnavailable("HL7-mottagaren svarade med en okänd ACK-kod")
-
-    @staticmethod
-    async def _exchange(host: str, port: int, message: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(frame(message))
-            await writer.drain()
-            framer = Framer()
-            while True:
-                data = await reader.read(64 * 1024)
-                if not data:
-                    raise ConnectionResetError("closed before the ACK")
-                frames = framer.feed(data)
-                if frames:
-                    return frames[0]
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from gateway import audit, clock
 from gateway.api.auth import Caller, require_role
@@ -28,8 +28,9 @@ from gateway.model.events import LUS_EVENT_SYSTEM
 from gateway.model.identifiers import HSA_SYSTEM
 from gateway.pipeline import ledger
 from gateway.pipeline.channel_text import issue_text
+from gateway.pipeline.delivery import record_attempt
 from gateway.pipeline.ledger import State
-from gateway.store.tables import deliveries, delivery_attempts, messages
+from gateway.store.tables import deliveries, messages
 
 router = APIRouter(tags=["FHIR messaging (R4)"])
 Writer = Annotated[Caller, Depends(require_role("integration"))]
@@ -258,15 +259,14 @@ async def process_message(
         else:
             # the patient's own Bundle: the receiver's text may echo the patient back
             why = issue_text(bundle, json.loads(row.canonical))
-            await conn.execute(
-                insert(delivery_attempts).values(
-                    delivery_id=delivery_id,
-                    channel=row.channel or "fhir",
-                    attempt=max(row.attempts or 0, 1),
-                    at=clock.now(),
-                    outcome=_ATTEMPT[code],
-                    detail=(detail + (f": {why}" if why else ""))[:500],
-                )
+            await record_attempt(
+                conn,
+                delivery_id,
+                row.channel or "fhir",
+                max(row.attempts or 0, 1),
+                _ATTEMPT[code],
+                detail + (f": {why}" if why else ""),
+                clock.now(),
             )
         await audit.record(
             conn,

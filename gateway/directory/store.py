@@ -92,9 +92,6 @@ class DirectoryCache:
         self._by_db[key] = (stamp, directory)
         return directory
 
-    def clear(self) -> None:
-        self._by_db.clear()
-
 
 cache = DirectoryCache()
 

@@ -154,10 +154,12 @@ class Deadlines:
         """When a receipt of an ``event`` message delivered at ``start`` is due, or None if
         no clock runs for it. A municipality without overrides uses the common rules."""
         name = self.receipts.get(event)
-        if name is None:
-            return None
-        town = municipality if municipality in self._overrides else None
-        return self.due(name, start, town)
+        return None if name is None else self.rule_for(name, municipality).due(start)
+
+    def rule_for(self, name: str, municipality: str = "") -> Rule:
+        """The municipality's own version of a rule, or the common one if it has none (the
+        strict :meth:`rule` refuses a municipality it does not know: for the CLI)."""
+        return self.rule(name, municipality if municipality in self._overrides else None)
 
     @property
     def names(self) -> list[str]:

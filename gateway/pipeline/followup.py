@@ -16,7 +16,7 @@ delivery whose ``next_check_at`` has come, and carries out its answer. Time come
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -205,9 +205,6 @@ class FollowUp:
                 .limit(1)
             )
         ).one_or_none()
-        fallback = await self.escalations.next_channel(
-            conn, row.recipient_hsa_id, row.message_id, row.channel
-        )
         situation = Situation(
             state=State(row.state),
             application_receipts=bool(channel and channel.application_receipts),
@@ -216,21 +213,37 @@ class FollowUp:
             last_outcome=last.outcome if last else "",
             due_at=row.due_at,
             escalation_level=row.escalation_level,
-            has_fallback=fallback is not None,
+            has_fallback=True,
         )
         decided = plan(situation, now, self.policy)
-        await conn.execute(
-            update(deliveries)
-            .where(deliveries.c.id == delivery_id)
-            .values(next_check_at=decided.next_check_at)
-        )
+        fallback = None
+        if Action.FALLBACK in decided.actions:  # only now worth finding (it reads the message)
+            fallback = await self.escalations.next_channel(
+                conn, row.recipient_hsa_id, row.message_id, row.channel
+            )
+            if fallback is None:
+                decided = plan(replace(situation, has_fallback=False), now, self.policy)
+        sending = Action.RESEND in decided.actions or fallback is not None
+        values: dict[str, object] = {
+            # A send asks the deliver stage, which sets the next look; this one is for an
+            # event lost on the way.
+            "next_check_at": now + self.policy.resend_after if sending else decided.next_check_at
+        }
+        if fallback is not None:
+            values |= {"channel": fallback, "attempts": 0, "updated_at": now}
+            await record_attempt(
+                conn,
+                delivery_id,
+                row.channel,
+                row.attempts,
+                "fallback",
+                f"Ingen mottagningskvittens via {row.channel} efter {row.attempts} "
+                f"försök: skickas via {fallback}",
+                now,
+            )
+        await conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(values))
         for action in decided.actions:
             if action is Action.RESEND:
-                await conn.execute(
-                    update(deliveries)
-                    .where(deliveries.c.id == delivery_id)
-                    .values(next_check_at=now + self.policy.resend_after)  # if the event is lost
-                )
                 await attempt_event(
                     conn,
                     row.patient_key,
@@ -241,26 +254,6 @@ class FollowUp:
                 )
             elif action is Action.FALLBACK:
                 assert fallback is not None
-                await record_attempt(
-                    conn,
-                    delivery_id,
-                    row.channel,
-                    row.attempts,
-                    "fallback",
-                    f"Ingen mottagningskvittens via {row.channel} efter {row.attempts} "
-                    f"försök: skickas via {fallback}",
-                    now,
-                )
-                await conn.execute(
-                    update(deliveries)
-                    .where(deliveries.c.id == delivery_id)
-                    .values(
-                        channel=fallback,
-                        attempts=0,
-                        next_check_at=now + self.policy.resend_after,
-                        updated_at=now,
-                    )
-                )
                 await attempt_event(conn, row.patient_key, row.message_id, delivery_id, fallback, 1)
             elif action is Action.FAIL:
                 await self.escalations.fail(

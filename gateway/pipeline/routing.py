@@ -223,13 +223,17 @@ class RouteStage(Stage):
         for role, hsa_id in await directory_store.providers(conn, key):
             if hsa_id in chosen or hsa_id == view.sender_hsa_id:
                 continue
-            org = directory.get(hsa_id)
-            rule = self.rules.rule(view.event, org.municipality if org else "")
+            rule = self._rule(view.event, hsa_id, directory)
             if role in self.rules.lasting and (
                 role in rule.receivers or role in rule.for_information
             ):
                 chosen[hsa_id] = Recipient(hsa_id, "", role, role not in rule.receivers)
         return chosen
+
+    def _rule(self, event: LusEvent, hsa_id: str, directory: Directory) -> Rule:
+        """The event's rule for this party: its municipality's own, if it has one."""
+        org = directory.get(hsa_id)
+        return self.rules.rule(event, org.municipality if org else "")
 
     def _by_rule(self, view: BundleView, directory: Directory) -> dict[str, Recipient]:
         """The parties the message names whose role the rules (of the party's municipality,
@@ -239,8 +243,7 @@ class RouteStage(Stage):
         for party in view.parties:
             if party.hsa_id in chosen or party.hsa_id == view.sender_hsa_id:
                 continue
-            org = directory.get(party.hsa_id)
-            rule = self.rules.rule(view.event, org.municipality if org else "")
+            rule = self._rule(view.event, party.hsa_id, directory)
             must = party.role in rule.receivers or self.rules.must_receive(
                 party.role, view.contents
             )

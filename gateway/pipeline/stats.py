@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select
@@ -31,7 +30,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from gateway import clock
 from gateway.clock import STOCKHOLM
 from gateway.model.events import LusEvent
-from gateway.pipeline.deadlines import Deadlines
+from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
 from gateway.pipeline.ledger import State
 from gateway.store.tables import (
     deliveries,
@@ -40,7 +39,6 @@ from gateway.store.tables import (
     messages,
     receipt_events,
 )
-from mappings import MAPPINGS_DIR
 
 SIP_RULE = "kallelse-sip"
 _MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
@@ -95,9 +93,9 @@ class Month:
         return start <= moment < end
 
 
-@lru_cache(maxsize=4)
-def default_deadlines(path: Path = MAPPINGS_DIR / "deadlines" / "lus.toml") -> Deadlines:
-    return Deadlines.load(path)
+@lru_cache(maxsize=1)
+def default_deadlines() -> Deadlines:
+    return Deadlines.load(DEADLINES_FILE)
 
 
 def share(part: int, whole: int) -> float | None:
@@ -435,7 +433,7 @@ async def _stays(q: _Query, deadlines: Deadlines) -> None:
         for town, district in _narrowest(places.get(episode, set())):
             row = q.table.at(town, district)
             if stay.ready_at is not None and month.holds(stay.ready_at):
-                rule = deadlines.rule(SIP_RULE, town if town in deadlines.municipalities else None)
+                rule = deadlines.rule_for(SIP_RULE, town)
                 due = rule.due(stay.ready_at)
                 row.sip_stays += 1
                 if any(at <= due for at in stay.sip_at):
