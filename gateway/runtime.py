@@ -198,6 +198,7 @@ class Gateway:
             self._started.add("intake")
         if "api" in self.stages:
             app = create_app(db, TokenKeys.from_dir(s.keys_dir), self.waiting_for, keyer)
+            app.state.deadlines = deadlines  # the statistics count the same clocks as routing
             config = uvicorn.Config(
                 app,
                 host=s.http_host,
