@@ -16,6 +16,12 @@ from gateway.store.db import Database, migrate
 from tests.support import Broker, GatewayProcess, create_pg_database, drop_pg_database
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests.services import postgres
+
+    postgres.shutdown()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":

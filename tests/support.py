@@ -23,7 +23,13 @@ from gateway.clock import STOCKHOLM
 from gateway.model.identifiers import synthetic_personnummer
 
 personnummer = synthetic_personnummer  # the tests' made-up patients
-PG_ADMIN_DSN = os.environ.get("BRYGGA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pg_admin_dsn() -> str:
+    """The PostgreSQL admin DSN: ``$BRYGGA_TEST_PG``, else the session's private cluster."""
+    from tests.services import postgres
+
+    return postgres.ensure()
 
 
 def now_sthlm() -> datetime:
@@ -63,14 +69,14 @@ def create_pg_database() -> str:
     name = f"brygga_test_{uuid.uuid4().hex[:12]}"
 
     async def go() -> None:
-        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        conn = await asyncpg.connect(pg_admin_dsn())
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
         finally:
             await conn.close()
 
     asyncio.run(go())
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    base = pg_admin_dsn().rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     return f"{base}/{name}"
 
 
@@ -80,7 +86,7 @@ def drop_pg_database(url: str) -> None:
     name = url.rsplit("/", 1)[1]
 
     async def go() -> None:
-        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        conn = await asyncpg.connect(pg_admin_dsn())
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:

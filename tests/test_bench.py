@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 
 from typer.testing import CliRunner
 
-from adapters.takecare.bench import DEFAULT_PG, app
+from adapters.takecare.bench import app
+from tests.support import pg_admin_dsn
 
-PG_ADMIN_DSN = os.environ.get("BRYGGA_TEST_PG", DEFAULT_PG)
 CPU_ROWS = (
     "raw hl7.parse",
     "raw hl7apy parse_message",
@@ -30,7 +29,7 @@ def _bench_databases() -> list[str]:
     import asyncpg
 
     async def go() -> list[str]:
-        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        conn = await asyncpg.connect(pg_admin_dsn())
         try:
             rows = await conn.fetch(
                 "SELECT datname FROM pg_database WHERE datname LIKE 'brygga_bench_%'"
@@ -61,7 +60,7 @@ def test_bench_prints_every_row_with_positive_figures() -> None:
             "--rate",
             "40",
             "--pg",
-            PG_ADMIN_DSN,
+            pg_admin_dsn(),
         ],
     )
     assert result.exit_code == 0, result.output
