@@ -112,7 +112,7 @@ def allow(action: str) -> Callable[[Caller], Grant]:
         if reach is None:
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
-                f"This needs the role {' or '.join(sorted(roles))}; the token has '{who.role}'.",
+                f"This needs the role {' or '.join(roles)}; the token has '{who.role}'.",
             )
         return Grant(who, reach)
 
