@@ -119,7 +119,7 @@ def test_admission_reaches_home_care_and_ledger_moves_through_every_state(
     )
     assert again.json()["already_acknowledged"] is True
 
-    elsewhere = gateway.cli("token", "--org", HOME_CARE)
+    elsewhere = gateway.cli("token", "--org", HOME_CARE, "--name", "Anna Svensson")
     assert elsewhere.returncode == 0 and elsewhere.stdout.count(".") == 2  # a JWT
     status = gateway.cli("status", message_id)
     assert status.returncode == 0, status.stderr
