@@ -26,7 +26,7 @@ from fastapi import FastAPI
 
 from gateway import clock
 from gateway.api.app import create_app
-from gateway.api.auth import ROLES, TokenKeys
+from gateway.api.auth import ROLES, TokenKeys, TokenRefused
 from gateway.directory import store as directory_store
 from gateway.directory.fhir import CONNECTION, KIND_SYSTEM
 from gateway.keyfiles import ed25519_private_key
@@ -553,3 +553,43 @@ async def test_a_home_care_integration_stays_in_its_lane(env) -> None:  # type: 
     mine = {"patient:identifier": f"{PNR_SYSTEM}|{world.pnr}"}
     read = await client.get("/fhir/Consent", params=mine, headers=home)
     assert read.status_code == 200 and read.json()["total"] >= 1
+
+
+def test_tokens_carry_the_person_and_refuse_what_verification_would() -> None:
+    keys = TokenKeys(Ed25519PrivateKey.generate())
+    token = keys.issue(HOME_CARE, "staff", "Anna Svensson", "Undersköterska", subject="SE-P-1")
+    who = keys.verify(token)
+    assert (who.org, who.role, who.name, who.title, who.subject) == (
+        HOME_CARE,
+        "staff",
+        "Anna Svensson",
+        "Undersköterska",
+        "SE-P-1",
+    )
+    for org, role, name in (
+        ("*", "staff", "A"),
+        (HOME_CARE, "root", "A"),
+        (HOME_CARE, "staff", ""),
+    ):
+        with pytest.raises(ValueError):
+            keys.issue(org, role, name)
+    with pytest.raises(ValueError):
+        keys.issue(f"{HOME_CARE}\n", "staff", "A")
+
+
+def test_clock_skew_is_small() -> None:
+    key = Ed25519PrivateKey.generate()
+    keys = TokenKeys(key)
+    now = int(clock.now().timestamp())
+    early = claims(HOME_CARE, "staff", iat=now + 30, nbf=now + 30)
+    assert keys.verify(jwt.encode(early, key, algorithm="EdDSA")).org == HOME_CARE
+    for late in (now + 120, now + 3600):
+        future = claims(HOME_CARE, "staff", iat=late, nbf=late)
+        with pytest.raises(TokenRefused, match="not valid yet"):
+            keys.verify(jwt.encode(future, key, algorithm="EdDSA"))
+    stale = claims(HOME_CARE, "staff", iat=now - 7200, nbf=now - 7200, exp=now - 120)
+    with pytest.raises(TokenRefused, match="expired"):
+        keys.verify(jwt.encode(stale, key, algorithm="EdDSA"))
+    flag = claims(HOME_CARE, "staff", exp=True)
+    with pytest.raises(TokenRefused, match="integer"):
+        keys.verify(jwt.encode(flag, key, algorithm="EdDSA"))
