@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from gateway import clock
 from gateway.api.app import create_app
 from gateway.api.auth import ROLES, TokenKeys, TokenRefused
+from gateway.api.policy import POLICY
 from gateway.directory import store as directory_store
 from gateway.directory.fhir import CONNECTION, KIND_SYSTEM
 from gateway.keyfiles import ed25519_private_key
@@ -458,6 +459,7 @@ async def test_every_endpoint_is_in_the_table(env) -> None:  # type: ignore[no-u
     assert served - set(TABLE) == set(), "endpoints missing from the authorisation table"
     assert set(TABLE) - served == set(), "the table names endpoints the app does not serve"
     assert set(builders()) == set(TABLE)
+    assert {role for roles in POLICY.values() for role in roles} <= ROLES
 
 
 async def test_the_matrix(env) -> None:  # type: ignore[no-untyped-def]
