@@ -496,6 +496,7 @@ async def test_the_matrix(env) -> None:  # type: ignore[no-untyped-def]
                         if r.status_code == 401 and (PERSON in r.text or STRANGER in r.text):
                             wrong.append(f"{endpoint} {kind}: the 401 repeats the token")
                     else:
+                        assert isinstance(expected, dict)
                         want = expected[role][0 if side == "own" else 1]
                     if got != want:
                         wrong.append(
