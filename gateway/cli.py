@@ -137,18 +137,28 @@ def migrate() -> None:
 @app.command()
 def token(
     org: Annotated[str, typer.Option(help="The caller's organisation, an HSA-id.")],
+    name: Annotated[
+        str, typer.Option(help="The person's (or system's) name, recorded in receipts.")
+    ],
     role: Annotated[
-        str, typer.Option(help="staff, ops, auditor, integration or directory-admin.")
+        str,
+        typer.Option(help="staff, ops, auditor, integration, directory-admin or consent-admin."),
     ] = "staff",
-    name: Annotated[str, typer.Option(help="The person's name, recorded in receipts.")] = "",
+    title: Annotated[
+        str, typer.Option(help="The person's title (befattning), e.g. Undersköterska.")
+    ] = "",
+    subject: Annotated[
+        str, typer.Option(help="The person's stable id (e.g. their HSA-id); default: name.")
+    ] = "",
     hours: Annotated[float, typer.Option(help="Validity.")] = 8.0,
 ) -> None:
-    """Issue a bearer token signed with this gateway's local key."""
+    """Issue a bearer token for one person, signed with this gateway's local key. Receipts,
+    answers and the audit trail name the token's person; request bodies cannot."""
     from gateway.api.auth import TokenKeys
 
     try:
         keys = TokenKeys.from_dir(Settings().keys_dir, create=False)
-        print(keys.issue(org, role, name, hours))
+        print(keys.issue(org, role, name, title, hours, subject))
     except FileNotFoundError as exc:
         console.print(str(exc))
         raise typer.Exit(2) from None

@@ -88,7 +88,10 @@ async def play(
     settings: Settings, host: str, timeout: float, say: Callable[[str], None]
 ) -> dict[str, Any]:
     keys = TokenKeys.from_dir(settings.keys_dir, create=False)
-    staff = {"Authorization": "Bearer " + keys.issue(HOME_CARE, "staff", "Anna Svensson")}
+    staff = {
+        "Authorization": "Bearer "
+        + keys.issue(HOME_CARE, "staff", "Anna Svensson", "Undersköterska")
+    }
     ops = {"Authorization": "Bearer " + keys.issue(OPS, "ops", "Driftövervakning")}
     control_id = f"DEMO{int(time.time() * 1000)}"
     now = datetime.now(STOCKHOLM)
@@ -125,7 +128,6 @@ async def play(
             await http.post(
                 f"/api/v1/inbox/{notice['id']}/acknowledge",
                 headers=staff,
-                json={"name": "Anna Svensson", "role": "Undersköterska"},
             )
         ).raise_for_status()
 

@@ -188,9 +188,11 @@ class GatewayProcess:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def token(self, org: str, role: str = "staff", name: str = "Test Person") -> dict[str, str]:
+    def token(
+        self, org: str, role: str = "staff", name: str = "Test Person", title: str = ""
+    ) -> dict[str, str]:
         keys = TokenKeys.from_dir(self.data_dir / "keys")
-        return {"Authorization": "Bearer " + keys.issue(org, role, name)}
+        return {"Authorization": "Bearer " + keys.issue(org, role, name, title)}
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

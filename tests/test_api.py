@@ -35,15 +35,17 @@ async def env(
         yield client, keys, Pipeline(db)
 
 
-def bearer(keys: TokenKeys, org: str = HOME_CARE, role: str = "staff") -> dict[str, str]:
-    return {"Authorization": "Bearer " + keys.issue(org, role, "Anna Svensson")}
+def bearer(
+    keys: TokenKeys, org: str = HOME_CARE, role: str = "staff", title: str = "Undersköterska"
+) -> dict[str, str]:
+    return {"Authorization": "Bearer " + keys.issue(org, role, "Anna Svensson", title)}
 
 
 async def test_inbox_requires_a_valid_token(env) -> None:  # type: ignore[no-untyped-def]
     client, keys, _ = env
     r = await client.get("/api/v1/inbox")
     assert r.status_code == 401 and "brygga token" in r.json()["detail"]
-    stranger = TokenKeys(Ed25519PrivateKey.generate()).issue(HOME_CARE, "staff")
+    stranger = TokenKeys(Ed25519PrivateKey.generate()).issue(HOME_CARE, "staff", "Anna Svensson")
     r = await client.get("/api/v1/inbox", headers={"Authorization": f"Bearer {stranger}"})
     assert r.status_code == 401 and "signature" in r.json()["detail"]
     r = await client.get("/api/v1/inbox", headers=bearer(keys, role="ops"))
@@ -62,17 +64,18 @@ async def test_notices_are_scoped_to_the_callers_organisation(env) -> None:  # t
     other = bearer(keys, OTHER_HOME_CARE)
     assert (await client.get("/api/v1/inbox", headers=other)).json() == []
     assert (await client.get(f"/api/v1/inbox/{notice_id}", headers=other)).status_code == 404
-    r = await client.post(
-        f"/api/v1/inbox/{notice_id}/acknowledge", headers=other, json={"name": "X", "role": "Y"}
-    )
+    r = await client.post(f"/api/v1/inbox/{notice_id}/acknowledge", headers=other)
     assert r.status_code == 404
-    # Acknowledging needs a name and a role.
+    # The kvittens is signed by the token's person: a name in the body is ignored.
     r = await client.post(
         f"/api/v1/inbox/{notice_id}/acknowledge",
         headers=bearer(keys),
-        json={"name": "", "role": "Undersköterska"},
+        json={"name": "Dr. Nobody", "role": "Överläkare"},
     )
-    assert r.status_code == 422
+    assert r.status_code == 200, r.text
+    signed = [x["by"] for x in r.json()["receipts"] if x["state"] == "acknowledged"]
+    assert signed == [{"name": "Anna Svensson", "role": "Undersköterska"}]
+    assert "Nobody" not in r.text and "Överläkare" not in r.text
     # The ledger shows the failed delivery to a party missing from the directory.
     ledger = (
         await client.get(
@@ -276,8 +279,12 @@ async def test_reads_are_audited_with_the_callers_org_and_role(env) -> None:  # 
 
     notice_id = (await client.get("/api/v1/inbox", headers=bearer(keys))).json()[0]["id"]
     await client.get(f"/api/v1/inbox/{notice_id}", headers=bearer(keys))
-    body = {"name": "Bo Berg", "role": "Sjuksköterska"}
-    await client.post(f"/api/v1/inbox/{notice_id}/acknowledge", headers=bearer(keys), json=body)
+    body = {"name": "Bo Berg", "role": "Sjuksköterska"}  # ignored: the token signs
+    await client.post(
+        f"/api/v1/inbox/{notice_id}/acknowledge",
+        headers=bearer(keys, title="Sjuksköterska"),
+        json=body,
+    )
     await client.get(f"/api/v1/messages/{mid}", headers=bearer(keys, OPS, "ops"))
     # Refused and unknown reads show nothing, so they record nothing.
     await client.get(f"/api/v1/inbox/{notice_id}", headers=bearer(keys, "SE5561234567-HT02"))
@@ -303,7 +310,7 @@ async def test_reads_are_audited_with_the_callers_org_and_role(env) -> None:  # 
         ),
         ("message.ledger", "Anna Svensson", OPS, "ops", "drift", key, mid),
     ]
-    assert rows[-2].detail == "kvitterat av Bo Berg (Sjuksköterska)"
+    assert rows[-2].detail == "kvitterat av Anna Svensson (Sjuksköterska)"
     # No identity number or name of the patient anywhere in the audit table.
     dump = repr([tuple(r) for r in rows])
     pnr = personnummer(7)

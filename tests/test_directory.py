@@ -293,8 +293,8 @@ async def api(db: Database, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncCl
         yield client, keys
 
 
-def auth(keys: TokenKeys, role: str = "directory-admin") -> dict[str, str]:
-    return {"Authorization": "Bearer " + keys.issue(OPS, role, "Kim Katalog")}
+def auth(keys: TokenKeys, role: str = "directory-admin", org: str = OPS) -> dict[str, str]:
+    return {"Authorization": "Bearer " + keys.issue(org, role, "Kim Katalog")}
 
 
 def _org(hsa: str = "SE5569990000-HT07", kind: str = "home-care") -> dict[str, Any]:
@@ -502,9 +502,11 @@ async def test_auth_missing_and_referenced(api) -> None:  # type: ignore[no-unty
     assert r.status_code == 403 and r.json()["resourceType"] == "OperationOutcome"
     r = await client.get(f"/fhir/Organization/{NEEDS}", headers=auth(keys, "staff"))
     assert r.status_code == 403
-    assert (
-        await client.put("/fhir/Organization/x", json=_org(), headers=auth(keys, "integration"))
-    ).status_code == 201
+    # An integration writes only its own unit (tests/test_authz_matrix.py has every case).
+    r = await client.put("/fhir/Organization/x", json=_org(), headers=auth(keys, "integration"))
+    assert r.status_code == 403 and r.json()["resourceType"] == "OperationOutcome"
+    own = auth(keys, "integration", "SE5569990000-HT07")
+    assert (await client.put("/fhir/Organization/x", json=_org(), headers=own)).status_code == 201
     r = await client.get("/fhir/Endpoint/nothing", headers=h)
     assert r.status_code == 404 and _expr(r) == "Endpoint.id"
     assert (await client.delete("/fhir/Endpoint/nothing", headers=h)).status_code == 404

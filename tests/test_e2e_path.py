@@ -86,8 +86,9 @@ def test_admission_reaches_home_care_and_ledger_moves_through_every_state(
     assert opened.json()["bundle"]["type"] == "message"
     acked = httpx.post(
         f"{gateway.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
-        headers=gateway.token(HOME_CARE),
-        json={"name": "Anna Svensson", "role": "Undersköterska"},
+        # The kvittens is signed by the token's person; a name in the body changes nothing.
+        headers=gateway.token(HOME_CARE, name="Anna Svensson", title="Undersköterska"),
+        json={"name": "Dr. Nobody", "role": "Överläkare"},
     )
     assert acked.status_code == 200 and acked.json()["already_acknowledged"] is False
 
@@ -118,7 +119,7 @@ def test_admission_reaches_home_care_and_ledger_moves_through_every_state(
     )
     assert again.json()["already_acknowledged"] is True
 
-    elsewhere = gateway.cli("token", "--org", HOME_CARE)
+    elsewhere = gateway.cli("token", "--org", HOME_CARE, "--name", "Anna Svensson")
     assert elsewhere.returncode == 0 and elsewhere.stdout.count(".") == 2  # a JWT
     status = gateway.cli("status", message_id)
     assert status.returncode == 0, status.stderr

@@ -218,7 +218,7 @@ async def api(db: Database, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncCl
 
 
 def bearer(keys: TokenKeys, org: str, role: str = "staff") -> dict[str, str]:
-    return {"Authorization": "Bearer " + keys.issue(org, role, "Maria Larsson")}
+    return {"Authorization": "Bearer " + keys.issue(org, role, "Maria Larsson", "MAS")}
 
 
 async def test_an_unread_notice_escalates_step_by_step_and_raises_one_deviation(
@@ -265,10 +265,12 @@ async def test_an_unread_notice_escalates_step_by_step_and_raises_one_deviation(
     assert other.status_code == 404  # another organisation's deviation
     answered = await client.post(
         f"/api/v1/deviations/{raised[0].id}/answer",
-        json={"text": "Hemtjänsten kontaktad per telefon", "name": "Maria Larsson, MAS"},
+        json={"text": "Hemtjänsten kontaktad per telefon", "name": "Dr. Nobody"},
         headers=bearer(keys, MAS),
     )
     assert answered.status_code == 200 and answered.json()["status"] == "answered"
+    # Who answered is the token's person and unit, never the body's name.
+    assert answered.json()["answered_by"] == f"Maria Larsson, MAS ({MAS})"
     issue = await client.get(f"/fhir/DetectedIssue/{raised[0].id}", headers=bearer(keys, MAS))
     assert issue.json()["status"] == "final" and issue.json()["resourceType"] == "DetectedIssue"
     ops = await client.get("/api/v1/deviations?status=answered", headers=bearer(keys, MAS, "ops"))
@@ -288,7 +290,6 @@ async def test_an_acknowledged_notice_does_not_escalate(
     fixed_clock.at = T0 + timedelta(hours=3)
     r = await client.post(
         f"/api/v1/inbox/{home.id}/acknowledge",
-        json={"name": "Anna Svensson", "role": "Undersköterska"},
         headers=bearer(keys, HOME_CARE),
     )
     assert r.status_code == 200

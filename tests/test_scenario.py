@@ -174,7 +174,8 @@ class Episode:
         self.clock.at = to
 
     def auth(self, org: str, role: str = "staff") -> dict[str, str]:
-        return {"Authorization": "Bearer " + self.keys.issue(org, role, "Anna Svensson")}
+        token = self.keys.issue(org, role, "Anna Svensson", "Undersköterska")
+        return {"Authorization": "Bearer " + token}
 
     async def delivery(self, name: str, org: str) -> Any:
         async with self.db.read() as conn:
@@ -194,7 +195,6 @@ class Episode:
         assert opened.status_code == 200, opened.text
         r = await self.client.post(
             f"/api/v1/inbox/{d.id}/acknowledge",
-            json={"name": "Anna Svensson", "role": "Undersköterska"},
             headers=self.auth(org),
         )
         assert r.status_code == 200, r.text

@@ -117,8 +117,7 @@ def test_receipts_reach_takecare_in_order_with_retry(
         httpx.get(f"{gw.base_url}/api/v1/inbox/{notice['id']}", headers=gw.token(HOME_CARE))
         httpx.post(
             f"{gw.base_url}/api/v1/inbox/{notice['id']}/acknowledge",
-            headers=gw.token(HOME_CARE),
-            json={"name": "Anna Svensson", "role": "Undersköterska"},
+            headers=gw.token(HOME_CARE, name="Anna Svensson", title="Undersköterska"),
         )
         wait_for(
             lambda: len(takecare.statuses("TC-R1", HOME_CARE)) == 3,

@@ -196,7 +196,7 @@ def test_cli_tools_refuse_a_directory_without_the_gateway(tmp_path: Path) -> Non
     env = {**os.environ, "BRYGGA_DATA_DIR": str(tmp_path / "nowhere")}
     env.pop("BRYGGA_DATABASE_URL", None)
     token = subprocess.run(
-        [sys.executable, "-m", "gateway", "token", "--org", "SE5566778899-HT01"],
+        [sys.executable, "-m", "gateway", "token", "--org", "SE5566778899-HT01", "--name", "A"],
         env=env,
         capture_output=True,
         text=True,

@@ -35,11 +35,13 @@ DESCRIPTION = """
 Brygga moves discharge-coordination messages (LUS) between hospital, primary care and the
 municipality, and proves per recipient how far each got.
 
-Authenticate with a bearer token: `brygga token --org HSA-ID --role staff` (inbox) or
-`--role ops` (ledger), `--role integration` (FHIR Consent, for the hospital's systems),
-`--role directory-admin` (the directory: Organization, HealthcareService, Endpoint) or
-`--role auditor` (audit trail); ops and auditor also read the monthly statistics. Every read
-of patient data is recorded in the audit trail with the token's name, organisation and role.
+Authenticate with a bearer token for one person: `brygga token --org HSA-ID --name NAME
+[--title TITLE] --role staff` (inbox) or `--role ops` (ledger), `--role integration` (a unit's
+own systems: receipts, its ledger, its directory entries, consent for its patients),
+`--role directory-admin` (the directory), `--role consent-admin` or `--role auditor` (audit
+trail); ops and auditor also read the monthly statistics. Each role reaches only its own
+organisation's data unless docs/operations.md ("Who may do what") says otherwise. Every read
+of patient data, kvittens and answer is recorded with the token's person and organisation.
 """
 
 

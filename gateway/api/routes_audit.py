@@ -12,13 +12,13 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, Field
 
 from gateway import audit
-from gateway.api.auth import Caller, require_role
 from gateway.api.openapi import example
+from gateway.api.policy import Grant, allow
 from gateway.audit.search import MAX_ENTRIES, entries_for_patient, patient_key_for
 from gateway.model.identifiers import InvalidIdentifier
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
-Auditor = Annotated[Caller, Depends(require_role("auditor"))]
+Auditor = Annotated[Grant, Depends(allow("audit.read"))]
 
 EXAMPLE_ANSWER = {
     "patient_key": "3f9c2a7e1b0d4c8a9e6f5d4c3b2a1908",

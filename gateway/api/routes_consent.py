@@ -17,7 +17,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from gateway import audit, clock
-from gateway.api.auth import Caller, require_role
+from gateway.api.policy import Grant, allow, may_read_consent, may_record_consent
 from gateway.model.bundle import CONSENT_BASIS_SYSTEM
 from gateway.model.consent import (
     PURPOSE_SYSTEM,
@@ -36,8 +36,8 @@ from gateway.model.identifiers import (
 from gateway.pipeline import gate
 
 router = APIRouter(tags=["consent (FHIR R4)"])
-Writer = Annotated[Caller, Depends(require_role("integration"))]
-Reader = Annotated[Caller, Depends(require_role("integration", "ops", "auditor"))]
+Writer = Annotated[Grant, Depends(allow("consent.write"))]
+Reader = Annotated[Grant, Depends(allow("consent.read"))]
 FHIR_JSON = "application/fhir+json"
 
 EXAMPLE_CONSENT: dict[str, Any] = {
@@ -95,9 +95,13 @@ EXAMPLE_OUTCOME = {
 
 
 NO_KEY = "This process has no patient key (keys/patient-hmac.key); run it beside intake."
+NO_RELATION = (
+    "Your organisation has no care relation with this patient: it has neither sent nor "
+    "received a message about them (docs/operations.md, 'Who may do what')."
+)
 
 
-def _purpose(who: Caller) -> str:
+def _purpose(who: Grant) -> str:
     """Why a reader reads: an auditor follows up; everyone else coordinates the discharge."""
     return audit.PURPOSE_AUDIT if who.role == "auditor" else audit.PURPOSE_LUS
 
@@ -125,7 +129,8 @@ def _docs(ok: int, ok_example: Any, *errors: int) -> dict[int | str, dict[str, A
     texts = {
         400: "The resource is not a usable Consent: the OperationOutcome names the element.",
         401: "No or invalid bearer token.",
-        403: "The token's role may not do this.",
+        403: "The token's role may not do this, or its organisation has no care relation "
+        "with the patient.",
         404: "No Consent with this id.",
     }
     responses: dict[int | str, dict[str, Any]] = {
@@ -146,7 +151,7 @@ def _stored(response: Response, stored: gate.StoredConsent) -> dict[str, Any]:
 
 
 async def _save(
-    request: Request, resource: Any, consent_id: str, who: Caller
+    request: Request, resource: Any, consent_id: str, who: Grant
 ) -> gate.StoredConsent | JSONResponse:
     try:
         record = from_fhir(resource, consent_id, clock.now())
@@ -157,6 +162,11 @@ async def _save(
         return outcome(503, "Consent", NO_KEY, code="transient")
     key = keyer.key(record.patient.system, record.patient.value)
     async with request.app.state.db.transaction() as conn:
+        before = await gate.load(conn, consent_id)
+        keys = {key} | ({before.patient_key} if before else set())
+        for patient_key in keys:
+            if not await may_record_consent(conn, who, patient_key):
+                return outcome(403, "Consent.patient", NO_RELATION, code="forbidden")
         stored = await gate.store(conn, record, patient_key=key, source="api", source_id=who.org)
         action = "consent.create" if stored.version == 1 else "consent.update"
         detail = f"{record.basis} {record.status}"
@@ -223,9 +233,11 @@ async def update_consent(
     response_class=JSONResponse,
 )
 async def read_consent(request: Request, response: Response, consent_id: str, who: Reader) -> Any:
+    """Consents of a patient the caller's organisation has no care relation with are not
+    found (404)."""
     async with request.app.state.db.transaction() as conn:
         stored = await gate.load(conn, consent_id)
-        if stored is None:
+        if stored is None or not await may_read_consent(conn, who, stored.patient_key):
             return outcome(404, "Consent.id", "no Consent with this id", code="not-found")
         await audit.record(
             conn,
@@ -274,10 +286,11 @@ async def search_consents(
         return outcome(503, "patient:identifier", NO_KEY, code="transient")
     key = keyer.key(pid.system, pid.value)
     async with request.app.state.db.transaction() as conn:
+        if not await may_read_consent(conn, who, key):
+            return outcome(403, "patient:identifier", NO_RELATION, code="forbidden")
         found = await gate.find(conn, key)
-        await audit.record(
-            conn, who.audit_entry("consent.search", _purpose(who), key, "", f"{len(found)} träffar")
-        )
+        entry = who.audit_entry("consent.search", _purpose(who), key, "", f"{len(found)} träffar")
+        await audit.record(conn, entry)
     return {
         "resourceType": "Bundle",
         "type": "searchset",

@@ -8,13 +8,13 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, Field
 
 from gateway import audit
-from gateway.api.auth import Caller, require_role
 from gateway.api.openapi import example
+from gateway.api.policy import Grant, allow
 from gateway.pipeline import deviations
 
 router = APIRouter(tags=["deviations"])
-Reader = Annotated[Caller, Depends(require_role("staff", "ops", "auditor"))]
-Answerer = Annotated[Caller, Depends(require_role("staff", "ops"))]
+Reader = Annotated[Grant, Depends(allow("deviation.read"))]
+Answerer = Annotated[Grant, Depends(allow("deviation.answer"))]
 NOT_FOUND = "No deviation with this id for your organisation."
 
 EXAMPLE = {
@@ -35,15 +35,15 @@ EXAMPLE = {
 
 
 class Answer(BaseModel):
-    """What the responsible party did about the deviation (it closes the deviation)."""
+    """What the responsible party did about the deviation (it closes the deviation). Who
+    answered is the token's person; a ``name`` in the body is ignored."""
 
     text: str = Field(min_length=1, max_length=2000, examples=["Hemtjänsten kontaktad per telefon"])
-    name: str = Field(min_length=1, max_length=200, examples=["Maria Larsson, MAS"])
 
 
-def _scope(who: Caller) -> str | None:
-    """Staff see their own organisation's deviations; operations and auditors see all."""
-    return who.org if who.role == "staff" else None
+def _signature(who: Grant) -> str:
+    """Who answered, from the verified token: "Maria Larsson, MAS (SE…)"."""
+    return f"{who.name}{', ' + who.title if who.title else ''} ({who.org})"[:200]
 
 
 @router.get(
@@ -60,7 +60,7 @@ async def list_deviations(
 ) -> list[dict[str, Any]]:
     """Newest first. A deviation names the message and delivery, never the patient."""
     async with request.app.state.db.read() as conn:
-        return await deviations.list_for(conn, _scope(who), state)
+        return await deviations.list_for(conn, who.scope, state)
 
 
 @router.get(
@@ -70,7 +70,7 @@ async def list_deviations(
 )
 async def get_deviation(request: Request, deviation_id: str, who: Reader) -> dict[str, Any]:
     async with request.app.state.db.read() as conn:
-        found = await deviations.get(conn, deviation_id, _scope(who))
+        found = await deviations.get(conn, deviation_id, who.scope)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
     return found
@@ -90,7 +90,7 @@ async def answer_deviation(
     """The answer is kept (encrypted, it may name people) and the deviation is closed; the
     answer is announced on ``brygga.receipts`` as ``deviation.answered``."""
     async with request.app.state.db.transaction() as conn:
-        found = await deviations.answer(conn, deviation_id, _scope(who), body.text, body.name)
+        found = await deviations.answer(conn, deviation_id, who.scope, body.text, _signature(who))
         if found is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
         await audit.record(
@@ -107,7 +107,7 @@ async def answer_deviation(
 )
 async def detected_issue(request: Request, deviation_id: str, who: Reader) -> dict[str, Any]:
     async with request.app.state.db.read() as conn:
-        found = await deviations.get(conn, deviation_id, _scope(who))
+        found = await deviations.get(conn, deviation_id, who.scope)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
     return deviations.to_detected_issue(found)

@@ -1,9 +1,10 @@
 """FHIR R4 Organization, HealthcareService and Endpoint: the directory of recipients.
 
 The resources and what each element means are in :mod:`gateway.directory.fhir` and
-docs/decisions/0009-directory-as-fhir.md. Writes need the role ``directory-admin`` or
-``integration``; reads also ``ops``. Every change is in the audit trail (no patient data).
-Routing sees a change with its next message (:func:`gateway.directory.store.load`).
+docs/decisions/0009-directory-as-fhir.md. Writes need the role ``directory-admin``, or
+``integration`` for the token's own unit only; reads also ``ops``. Every change is in the
+audit trail (no patient data). Routing sees a change with its next message
+(:func:`gateway.directory.store.load`).
 
 Errors are FHIR OperationOutcomes naming the element at fault (``expression``): 400 for a
 resource the directory cannot use, 404 for an unknown id or a reference to a missing
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import audit
-from gateway.api.auth import Caller, require_role
+from gateway.api.policy import Grant, allow, may_change_directory
 from gateway.api.routes_consent import FHIR_JSON, outcome
 from gateway.directory import Endpoint, Hours, Organisation
 from gateway.directory import store as directory_store
@@ -31,8 +32,12 @@ from gateway.directory.fhir import TYPES, DirectoryInvalid, unit_resources
 from gateway.model.identifiers import HSA_SYSTEM
 
 router = APIRouter(tags=["directory (FHIR R4)"])
-Writer = Annotated[Caller, Depends(require_role("directory-admin", "integration"))]
-Reader = Annotated[Caller, Depends(require_role("directory-admin", "integration", "ops"))]
+Writer = Annotated[Grant, Depends(allow("directory.write"))]
+Reader = Annotated[Grant, Depends(allow("directory.read"))]
+NOT_YOURS = (
+    "An integration token changes only its own unit's resources (the Organization with its "
+    "HSA-id, and what references that Organization); this one is, or would become, another's."
+)
 
 _EXAMPLE_UNIT = Organisation(
     "SE2120001637-B020",
@@ -61,7 +66,7 @@ EXAMPLE_OUTCOME = {
 _ERRORS = {
     400: "Not a usable resource: the OperationOutcome names the element.",
     401: "No or invalid bearer token.",
-    403: "The token's role may not do this.",
+    403: "The token's role may not do this, or the resource is another unit's.",
     404: "No resource with this id, or a reference to one that does not exist.",
     409: "Other resources still refer to it (on-call unit, MAS, a service's endpoint).",
     410: "The resource was deleted.",
@@ -119,14 +124,18 @@ async def _change(
     request: Request,
     rtype: str,
     rid: str,
-    who: Caller,
+    who: Grant,
     if_match: str | None,
     write: Callable[[AsyncConnection], Awaitable[directory_store.StoredResource | None]],
+    resource: Any = None,
 ) -> JSONResponse | tuple[directory_store.StoredResource, bool]:
-    """One write in one transaction: the If-Match check, the write, its audit entry. The
-    stored resource and whether it is new, or the OperationOutcome to answer."""
+    """One write in one transaction: whose it is, the If-Match check, the write, its audit
+    entry. The stored resource and whether it is new, or the OperationOutcome to answer.
+    ``resource``: the new version (None: a delete)."""
     async with request.app.state.db.transaction() as conn:
         current = await directory_store.get(conn, rtype, rid)
+        if not await may_change_directory(conn, who, rtype, current, resource):
+            return outcome(403, rtype, NOT_YOURS, "forbidden")
         failed = _precondition(current, if_match, rtype)
         if failed is not None:
             return failed
@@ -154,7 +163,7 @@ async def _change(
 
 
 async def _save(
-    request: Request, rtype: str, rid: str, resource: Any, who: Caller, if_match: str | None
+    request: Request, rtype: str, rid: str, resource: Any, who: Grant, if_match: str | None
 ) -> JSONResponse:
     done = await _change(
         request,
@@ -163,6 +172,7 @@ async def _save(
         who,
         if_match,
         lambda conn: directory_store.save(conn, rtype, rid, resource),
+        resource,
     )
     if isinstance(done, JSONResponse):
         return done

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from gateway import audit, clock
-from gateway.api.auth import Caller, require_role
+from gateway.api.policy import Grant, allow
 from gateway.api.routes_consent import EXAMPLE_OUTCOME, FHIR_JSON, outcome
 from gateway.model.bundle import BRYGGA_SOURCE_ENDPOINT
 from gateway.model.events import LUS_EVENT_SYSTEM
@@ -33,7 +33,7 @@ from gateway.pipeline.ledger import State
 from gateway.store.tables import deliveries, messages
 
 router = APIRouter(tags=["FHIR messaging (R4)"])
-Writer = Annotated[Caller, Depends(require_role("integration"))]
+Writer = Annotated[Grant, Depends(allow("delivery.receipt"))]
 
 RESPONSE_CODES = {"ok", "transient-error", "fatal-error"}
 _ATTEMPT = {"transient-error": "unavailable", "fatal-error": "rejected"}
@@ -244,7 +244,7 @@ async def process_message(
         ).one_or_none()
         if row is None:
             return JSONResponse(UNKNOWN, status_code=404, media_type=FHIR_JSON)
-        if row.recipient_hsa_id != who.org:
+        if not who.covers(row.recipient_hsa_id):
             return outcome(
                 403,
                 "Bundle.entry[0].resource.response.identifier",

@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
-from pydantic import BaseModel, Field
 
 from gateway import audit
-from gateway.api.auth import Caller, require_role
 from gateway.api.openapi import example
+from gateway.api.policy import Grant, allow
 from gateway.pipeline import inbox
 from gateway.pipeline.ledger import Actor
 
 router = APIRouter(prefix="/api/v1/inbox", tags=["inbox"])
-Staff = Annotated[Caller, Depends(require_role("staff"))]
+Reader = Annotated[Grant, Depends(allow("inbox.read"))]
+Acknowledger = Annotated[Grant, Depends(allow("inbox.acknowledge"))]
 NOT_FOUND = "No notice with this id in your organisation's inbox."
 
 EXAMPLE_ITEM = {
@@ -36,19 +36,12 @@ EXAMPLE_ITEM = {
 }
 
 
-class Acknowledgement(BaseModel):
-    """The person who acknowledges (kvitterar) the notice on behalf of the unit."""
-
-    name: str = Field(min_length=1, max_length=200, examples=["Anna Svensson"])
-    role: str = Field(min_length=1, max_length=100, examples=["Undersköterska"])
-
-
 @router.get(
     "",
     summary="List the notices addressed to your organisation",
     responses=example([EXAMPLE_ITEM]),
 )
-async def list_inbox(request: Request, who: Staff) -> list[dict[str, Any]]:
+async def list_inbox(request: Request, who: Reader) -> list[dict[str, Any]]:
     """Newest first. Patients with protected identity are listed without name or number."""
     async with request.app.state.db.transaction() as conn:
         listed = await inbox.list_notices_keyed(conn, who.org)
@@ -67,9 +60,9 @@ async def list_inbox(request: Request, who: Staff) -> list[dict[str, Any]]:
         {404: NOT_FOUND},
     ),
 )
-async def open_notice(request: Request, notice_id: str, who: Staff) -> dict[str, Any]:
+async def open_notice(request: Request, notice_id: str, who: Reader) -> dict[str, Any]:
     """Returns the notice with its FHIR message Bundle; the first opening is the *read* receipt."""
-    actor = Actor(name=who.name, role=who.role, org=who.org)
+    actor = Actor(name=who.name, role=who.title or who.role, org=who.org)
     async with request.app.state.db.transaction() as conn:
         notice = await inbox.open_notice(conn, who.org, notice_id, actor)
         if notice is not None:
@@ -102,17 +95,18 @@ async def open_notice(request: Request, notice_id: str, who: Staff) -> dict[str,
         {404: NOT_FOUND},
     ),
 )
-async def acknowledge(
-    request: Request, notice_id: str, body: Acknowledgement, who: Staff
-) -> dict[str, Any]:
-    """Records who acknowledged, with name and role. Repeating it changes nothing."""
-    actor = Actor(name=body.name, role=body.role, org=who.org)
+async def acknowledge(request: Request, notice_id: str, who: Acknowledger) -> dict[str, Any]:
+    """Records who acknowledged: the person and title of the token (a body is ignored).
+    Repeating it changes nothing."""
+    actor = Actor(name=who.name, role=who.title or who.role, org=who.org)
     async with request.app.state.db.transaction() as conn:
         result = await inbox.acknowledge(conn, who.org, notice_id, actor)
         if result is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
         receipts = await inbox.receipts_of(conn, notice_id)
-        done_by = f"{'kvitterat' if result[1] else 'redan kvitterat'} av {body.name} ({body.role})"
+        done_by = (
+            f"{'kvitterat' if result[1] else 'redan kvitterat'} av {actor.name} ({actor.role})"
+        )
         entry = who.audit_entry(
             "message.acknowledge", audit.PURPOSE_LUS, result[0].patient_key, notice_id, done_by
         )

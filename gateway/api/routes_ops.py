@@ -8,12 +8,13 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse
 
 from gateway import audit
-from gateway.api.auth import Caller, require_role
 from gateway.api.openapi import example
+from gateway.api.policy import Grant, allow, sent_by_caller, visible_ledger
 from gateway.pipeline.views import find_message_id, message_ledger, patient_key_of
 
 router = APIRouter(tags=["operations"])
-Ops = Annotated[Caller, Depends(require_role("ops", "integration"))]
+Ledger = Annotated[Grant, Depends(allow("message.ledger"))]
+Finder = Annotated[Grant, Depends(allow("message.find"))]
 
 EXAMPLE_LEDGER = {
     "id": "0b9e5c7a-1d2f-4e3a-8b6c-5d4e3f2a1b0c",
@@ -38,7 +39,11 @@ EXAMPLE_LEDGER = {
                 {
                     "state": "read",
                     "at": "2026-11-23T08:40:11.000000+00:00",
-                    "by": {"name": "", "role": "staff", "org": "SE5566778899-HT01"},
+                    "by": {
+                        "name": "Anna Svensson",
+                        "role": "Undersköterska",
+                        "org": "SE5566778899-HT01",
+                    },
                 },
                 {
                     "state": "acknowledged",
@@ -60,10 +65,14 @@ EXAMPLE_LEDGER = {
     summary="The receipt ledger of one message",
     responses=example(EXAMPLE_LEDGER, {404: "No such message."}),
 )
-async def get_message(request: Request, message_id: str, who: Ops) -> dict[str, Any]:
-    """Pipeline status, consent decision and, per recipient, every receipt with its time."""
+async def get_message(request: Request, message_id: str, who: Ledger) -> dict[str, Any]:
+    """Pipeline status, consent decision and, per recipient, every receipt with its time.
+    An integration sees the messages its organisation sent, and of those sent to it only
+    its own deliveries."""
     async with request.app.state.db.transaction() as conn:
         ledger = await message_ledger(conn, message_id)
+        if ledger is not None:
+            ledger = await visible_ledger(conn, who, ledger)
         if ledger is not None:
             key = await patient_key_of(conn, message_id) or ""
             entry = who.audit_entry("message.ledger", audit.PURPOSE_OPERATIONS, key, message_id)
@@ -76,12 +85,15 @@ async def get_message(request: Request, message_id: str, who: Ops) -> dict[str, 
 @router.get("/api/v1/messages", summary="Find messages by the sender's control id (MSH-10)")
 async def find_messages(
     request: Request,
-    who: Ops,
+    who: Finder,
     control_id: Annotated[str, Query(min_length=1, max_length=200, examples=["MSG00001"])],
     source: Annotated[str | None, Query(max_length=200)] = None,
 ) -> dict[str, list[str]]:
+    """An integration finds only the messages its own organisation sent."""
     async with request.app.state.db.read() as conn:
-        return {"ids": await find_message_id(conn, source, control_id)}
+        return {
+            "ids": await sent_by_caller(conn, who, await find_message_id(conn, source, control_id))
+        }
 
 
 @router.get("/healthz", summary="The process is alive", tags=["health"])

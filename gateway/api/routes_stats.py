@@ -6,12 +6,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
-from gateway.api.auth import Caller, require_role
 from gateway.api.openapi import example
+from gateway.api.policy import Grant, allow
 from gateway.pipeline.stats import Month, MonthError, monthly
 
 router = APIRouter(tags=["statistics"])
-Readers = Annotated[Caller, Depends(require_role("ops", "auditor"))]
+Readers = Annotated[Grant, Depends(allow("stats.read"))]
 
 EXAMPLE_STATS = {
     "month": "2026-11",
