@@ -16,15 +16,27 @@ from gateway.crypto.keyring import Keyring
 from gateway.store.db import Database, migrate
 from tests.services.kafka import KafkaCluster
 from tests.support import (
+    AnyBroker,
     Broker,
     GatewayProcess,
     KafkaBroker,
-    TestBroker,
     create_pg_database,
     drop_pg_database,
 )
 
-BROKERS = ["tansu", "kafka"]  # for suites parametrised over both brokers
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Apache Kafka runs with PostgreSQL only, as in production: the SQLite pairing adds
+    minutes to the suite and tests nothing the Tansu runs do not."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        p = params.params if params else {}
+        pairing = (p.get("broker"), p.get("database_url"))
+        (drop if pairing == ("kafka", "sqlite") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -72,9 +84,8 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaClu
 
 
 @pytest.fixture
-def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TestBroker]:
-    """Tansu by default; a suite runs on both with
-    ``pytest.mark.parametrize("broker", BROKERS, indirect=True)``."""
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyBroker]:
+    """Tansu by default; ``@ON_BOTH_BROKERS`` (tests/support.py) runs a test on both."""
     if getattr(request, "param", "tansu") == "kafka":
         kafka = KafkaBroker(request.getfixturevalue("kafka_cluster"))
         try:
@@ -91,7 +102,7 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TestBroke
 
 
 @pytest.fixture
-def gateway(tmp_path: Path, database_url: str, broker: TestBroker) -> Iterator[GatewayProcess]:
+def gateway(tmp_path: Path, database_url: str, broker: AnyBroker) -> Iterator[GatewayProcess]:
     gw = GatewayProcess(tmp_path / "gw", database_url, broker)
     gw.start()
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
+import pytest
 
 from gateway.api.auth import TokenKeys
 from gateway.bus import broker as broker_mod
@@ -39,7 +40,12 @@ def now_sthlm() -> datetime:
     return datetime.now(STOCKHOLM)
 
 
-class TestBroker(Protocol):
+# A suite that runs on Tansu and on Apache Kafka: ``@ON_BOTH_BROKERS`` on a test that takes
+# the ``broker`` fixture (tests/conftest.py).
+ON_BOTH_BROKERS = pytest.mark.parametrize("broker", ["tansu", "kafka"], indirect=True)
+
+
+class AnyBroker(Protocol):
     """What a suite parametrised over both brokers uses (Tansu, or Apache Kafka)."""
 
     name: str
@@ -190,7 +196,7 @@ class GatewayProcess:
         self,
         data_dir: Path,
         database_url: str,
-        broker: str | TestBroker | None,
+        broker: str | AnyBroker | None,
         command: tuple[str, ...] = ("run",),
         **extra_env: str,
     ) -> None:
