@@ -8,7 +8,15 @@ killed with SIGKILL and started again keeps its log, as a real broker does. With
 format time); brokers and controllers talk to each other in plain text on loopback.
 
 Topics are created with ``deploy/kafka-topics.sh``, the script production uses, pointed at this
-cluster's classpath (:meth:`KafkaCluster.create_topics`).
+cluster's classpath (:meth:`KafkaCluster.create_topics`). A gateway on this cluster::
+
+    cluster = KafkaCluster(tmp_path, nodes=3)
+    cluster.start()
+    cluster.create_topics()  # replication factor 3, min.insync.replicas 2
+    gw = GatewayProcess(tmp_path / "gw", database_url, None, **cluster.gateway_env())
+
+Measured here (2 cores, idle machine): one node answers metadata about 10 s after ``start``,
+three nodes with TLS and SASL also about 10 s; the topic script takes 5 to 9 s (five JVMs).
 """
 
 from __future__ import annotations
