@@ -1,11 +1,11 @@
 """A real Apache Kafka (KRaft) cluster on loopback for tests, run from Maven Central's jars.
 
 Maven resolves ``kafka-pom.xml`` (broker, CLI tools, log4j2 binding) once into
-``~/.cache/brygga/kafka-<version>-<pom hash>/lib``; every later run reuses it. Each node is a combined
-broker and controller (``process.roles=broker,controller``) with its own data folder, so a node
-killed with SIGKILL and started again keeps its log, as a real broker does. With ``tls`` and/or
-``sasl`` the client listener is SSL, SASL_PLAINTEXT or SASL_SSL (SCRAM-SHA-512, the user made at
-format time); brokers and controllers talk to each other in plain text on loopback.
+``~/.cache/brygga/kafka-<version>-<pom hash>/lib``; every later run reuses it. Each node is a
+combined broker and controller (``process.roles=broker,controller``) with its own data folder,
+so a node killed with SIGKILL and started again keeps its log, as a real broker does. With
+``tls`` and/or ``sasl`` the client listener is SSL, SASL_PLAINTEXT or SASL_SSL (SCRAM-SHA-512,
+the user made at format time); brokers and controllers talk in plain text on loopback.
 
 Topics are created with ``deploy/kafka-topics.sh``, the script production uses, pointed at this
 cluster's classpath (:meth:`KafkaCluster.create_topics`). A gateway on this cluster::
