@@ -33,8 +33,6 @@ from datetime import time
 from typing import Any
 from urllib.parse import quote, unquote
 
-from pydantic import ValidationError
-
 from gateway.directory import (
     CHANNELS,
     KINDS,
@@ -44,6 +42,7 @@ from gateway.directory import (
     Municipality,
     Organisation,
 )
+from gateway.model.fhir_shape import shape_error
 from gateway.model.identifiers import HSA_SYSTEM, is_hsa_id
 
 BASE = "https://brygga.dev/fhir"
@@ -394,23 +393,11 @@ def _connection(resource: dict[str, Any]) -> tuple[str, str]:
 # --------------------------------------------------------------------------- checking input
 
 
-def _fhirpath(rtype: str, loc: Iterable[Any]) -> str:
-    path = rtype
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
-
-
 def _structure(resource: dict[str, Any], rtype: str) -> None:
     """Validate against the R4B model of the type (cardinalities, data types)."""
-    from fhir.resources.R4B import get_fhir_model_class
-
-    try:
-        get_fhir_model_class(rtype).model_validate(resource)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = [p for p in first.get("loc", ()) if p != "__root__"]
-        raise DirectoryInvalid(_fhirpath(rtype, loc), str(first.get("msg", "invalid"))) from None
+    failed = shape_error(resource, rtype)
+    if failed is not None:
+        raise DirectoryInvalid(*failed)
 
 
 def _ext_path(rtype: str, url: str) -> str:
