@@ -80,12 +80,17 @@ def create_app(
         # Where and what, never the input: it may be patient data, or NaN or a lone surrogate
         # that cannot be written as JSON at all.
         errors = [
-            {"loc": [_printable(p) for p in e.get("loc", ())], "msg": _printable(e.get("msg"))}
+            {
+                "loc": [_printable(p) for p in e.get("loc", ())],
+                "msg": _printable(e.get("msg")),
+                "type": _printable(e.get("type")),
+            }
             for e in exc.errors()
         ]
         if request.url.path.startswith("/fhir"):
-            first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-            where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+            first = errors[0] if errors else {"loc": [], "msg": "invalid request", "type": ""}
+            parts = [] if first["type"] == "json_invalid" else first["loc"]
+            where = ".".join(str(p) for p in parts if p != "body") or "body"
             return routes_consent.outcome(400, where, str(first["msg"]))
         return JSONResponse({"detail": errors}, status_code=422)
 

@@ -70,7 +70,9 @@ def check_json(body: bytes) -> None:
     route (it answers its own, documented parse error)."""
     try:
         document = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise InputRefused(400, "body", "the JSON is nested too deeply") from None
+    except ValueError:
         return
     stack: list[tuple[str, Any]] = [("", document)]
     while stack:
