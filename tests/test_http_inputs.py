@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.api.app import create_app
 from gateway.api.auth import TokenKeys
+from gateway.api.routes_directory import EXAMPLES
 from tests.apiserver import ApiServer
 from tests.support import personnummer
 
@@ -30,6 +31,7 @@ ENDPOINT = {
     "payloadType": [{"text": "LUS"}],
     "address": "https://example.se/fhir",
 }
+ORGANIZATION = {k: v for k, v in EXAMPLES["Organization"].items() if k != "id"}
 MSG = {"resourceType": "MessageHeader", "eventCoding": {"code": "x"}}
 
 
@@ -82,6 +84,8 @@ CASES: list[tuple[str, str, Any, int, str]] = [
      "Organization.name"),
     ("POST", "/fhir/HealthcareService", {"resourceType": "HealthcareService",
      "availableTime": "x"}, 400, "HealthcareService.availableTime"),
+    ("PUT", "/fhir/Organization/" + "a" * 65, ORGANIZATION, 400, "Organization.id"),
+    ("PUT", "/fhir/Organization/a%20b", ORGANIZATION, 400, "Organization.id"),
     ("GET", "/fhir/Organization?identifier=x%00", None, 400, "identifier"),
     ("GET", "/fhir/Endpoint/%01", None, 400, "path"),
     ("DELETE", "/fhir/HealthcareService/a%00", None, 400, "path"),

@@ -67,7 +67,7 @@ CONNECTION: dict[str, tuple[str, str]] = {
 }
 CHANNEL_BY_CODE = {code: channel for channel, code in CONNECTION.items()}
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")
 _NAMESPACE = uuid.UUID("0d6f5f0e-6f6c-4b8e-9a35-8b1f6f2d0a09")
 
@@ -105,7 +105,7 @@ class Parsed:
 def resource_id(prefix: str, key: str) -> str:
     """A readable, stable id for a resource made from the model (a uuid5 when too long)."""
     rid = f"{prefix}{key}"
-    return rid if _ID.match(rid) else str(uuid.uuid5(_NAMESPACE, rid))
+    return rid if FHIR_ID.match(rid) else str(uuid.uuid5(_NAMESPACE, rid))
 
 
 # --------------------------------------------------------------------------- model -> FHIR
@@ -524,7 +524,7 @@ def parse(resource: Any, rtype: str) -> Parsed:
     caller to resolve (the store, or the other entries of a Bundle)."""
     if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
         raise DirectoryInvalid(rtype, f"the body must be a FHIR {rtype} resource (JSON)")
-    if "id" in resource and not _ID.match(str(resource["id"])):
+    if "id" in resource and not FHIR_ID.match(str(resource["id"])):
         raise DirectoryInvalid(f"{rtype}.id", "a FHIR id: 1-64 of A-Z a-z 0-9 - .")
     _structure(resource, rtype)
     return _CHECKS[rtype](resource)
