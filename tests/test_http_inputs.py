@@ -15,7 +15,11 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from gateway.api.app import create_app
+from gateway.api.limits import InputRefused, check_json, check_url
 from gateway.api.auth import TokenKeys
 from gateway.api.routes_directory import EXAMPLES
 from tests.apiserver import ApiServer
@@ -75,7 +79,7 @@ CASES: list[tuple[str, str, Any, int, str]] = [
     ("PUT", "/fhir/Consent/a%00b", consent(), 400, "path"),
     ("GET", "/fhir/Consent/a%00b", None, 400, "path"),
     ("GET", f"/fhir/Consent?patient:identifier={PNR_SYSTEM}|%00", None, 400, "patient:identifier"),
-    ("POST", "/fhir/Endpoint", {"resourceType": "Endpoint", "address": [1]}, 400, "Endpoint.address"),
+    ("POST", "/fhir/Endpoint", ENDPOINT | {"address": [1]}, 400, "Endpoint.address"),
     ("POST", "/fhir/Endpoint", ENDPOINT | {"status": 5}, 400, "Endpoint.status"),
     ("POST", "/fhir/Endpoint", ENDPOINT | {"address": {"url": PNR}}, 400, "Endpoint.address"),
     ("POST", "/fhir/Organization", {"resourceType": "Organization", "identifier": 5}, 400,
@@ -192,3 +196,48 @@ async def test_an_unexpected_error_is_a_500_without_its_text(tmp_path: Path) -> 
     assert fhir.status_code == ops.status_code == 500
     assert fhir.json()["issue"][0]["code"] == "exception" and "detail" in ops.json()
     assert PNR not in fhir.text + ops.text and "ValueError" not in fhir.text + ops.text
+
+
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=8)  # surrogates included
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | ANY_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def _texts(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _texts(item)
+
+
+@given(JSON_VALUES)
+def test_a_json_body_is_refused_exactly_when_its_text_cannot_be_stored(value: Any) -> None:
+    body = json.dumps(value).encode()  # ASCII: NUL and surrogates as \u escapes
+    unstorable = any(c == "\0" or "\ud800" <= c <= "\udfff" for t in _texts(value) for c in t)
+    if unstorable:
+        with pytest.raises(InputRefused):
+            check_json(body)
+    else:
+        check_json(body)
+
+
+@given(ANY_TEXT, ANY_TEXT)
+def test_a_url_is_refused_exactly_when_it_holds_a_control_character(path: str, query: str) -> None:
+    from urllib.parse import quote
+
+    encoded = quote(query, errors="surrogatepass")
+    scope = {"path": "/" + path, "query_string": f"q={encoded}".encode()}
+    control = any(ord(c) < 32 or ord(c) == 127 for c in path + query)
+    if control:
+        with pytest.raises(InputRefused):
+            check_url(scope)
+    else:
+        check_url(scope)

@@ -56,6 +56,6 @@ schema = schemathesis.openapi.from_dict(_description())
     derandomize=True,
     database=None,
 )
-def test_no_operation_answers_a_server_error(case, api_server: ApiServer) -> None:  # type: ignore[no-untyped-def]
+def test_no_operation_answers_a_server_error(case: schemathesis.Case, api_server: ApiServer) -> None:
     headers = {**(case.headers or {}), **api_server.headers(case.path)}
     case.call_and_validate(base_url=api_server.url, headers=headers, checks=[not_a_server_error])
