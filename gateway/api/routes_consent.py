@@ -26,7 +26,7 @@ from gateway.model.consent import (
     from_fhir,
     to_fhir,
 )
-from gateway.model.fhir_shape import shape_error
+from gateway.model.fhir_shape import preload, shape_error
 from gateway.model.identifiers import (
     HSA_SYSTEM,
     KIND_BY_SYSTEM,
@@ -36,6 +36,7 @@ from gateway.model.identifiers import (
 )
 from gateway.pipeline import gate
 
+preload("Consent")
 router = APIRouter(tags=["consent (FHIR R4)"])
 Writer = Annotated[Caller, Depends(require_role("integration"))]
 Reader = Annotated[Caller, Depends(require_role("integration", "ops", "auditor"))]

@@ -25,6 +25,15 @@ def fhirpath(rtype: str, loc: Iterable[Any]) -> str:
     return path
 
 
+def preload(*rtypes: str) -> None:
+    """Import the models now: the first import takes about a second, too long for a request
+    that releases held notices."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    for rtype in rtypes:
+        get_fhir_model_class(rtype)
+
+
 def shape_error(
     resource: dict[str, Any], rtype: str, *, required: bool = True
 ) -> tuple[str, str] | None:
