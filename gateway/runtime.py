@@ -199,7 +199,9 @@ class Gateway:
                 self.sources.append(source)
             self._started.add("intake")
         if "api" in self.stages:
-            app = create_app(db, TokenKeys.from_dir(s.keys_dir), self.waiting_for, keyer)
+            app = create_app(
+                db, TokenKeys.from_dir(s.keys_dir), self.waiting_for, keyer, s.http_max_body_bytes
+            )
             app.state.deadlines = deadlines  # the statistics count the same clocks as routing
             config = uvicorn.Config(
                 app,

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     )
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    http_max_body_bytes: int = Field(
+        5 * 1024 * 1024, ge=1, description="Larger HTTP request bodies are refused with 413."
+    )
     http_tls_cert: Path | None = Field(
         None, description="PEM certificate chain: with http_tls_key, HTTP is served as HTTPS."
     )

@@ -6,10 +6,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from fastapi import FastAPI, Request, Response
-from fastapi.exception_handlers import (
-    http_exception_handler,
-    request_validation_exception_handler,
-)
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +22,7 @@ from gateway.api import (
     routes_stats,
 )
 from gateway.api.auth import TokenKeys
+from gateway.api.limits import DEFAULT_MAX_BODY_BYTES, InputLimits, refusal
 from gateway.bus.keys import PatientKeyer
 from gateway.logs import error_fields
 from gateway.store.db import Database
@@ -50,9 +48,11 @@ def create_app(
     token_keys: TokenKeys,
     readiness: Callable[[], list[str]],
     keyer: PatientKeyer | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """``keyer``: the patient HMAC secret, to find a patient's consents and audit entries by
-    identity number; without it those endpoints answer 503."""
+    identity number; without it those endpoints answer 503. ``max_body_bytes``: larger
+    request bodies are refused (413)."""
     app = FastAPI(title="Brygga", version="0.1.0", description=DESCRIPTION)
     app.state.db = db
     app.state.token_keys = token_keys
@@ -79,11 +79,22 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        # Where and what, never the input: it may be patient data, or NaN or a lone surrogate
+        # that cannot be written as JSON at all.
+        errors = [
+            {
+                "loc": [_printable(p) for p in e.get("loc", ())],
+                "msg": _printable(e.get("msg")),
+                "type": _printable(e.get("type")),
+            }
+            for e in exc.errors()
+        ]
         if request.url.path.startswith("/fhir"):
-            first = exc.errors()[0] if exc.errors() else {}
-            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-            return routes_consent.outcome(400, where, str(first.get("msg", "invalid request")))
-        return await request_validation_exception_handler(request, exc)
+            first = errors[0] if errors else {"loc": [], "msg": "invalid request", "type": ""}
+            parts = [] if first["type"] == "json_invalid" else first["loc"]
+            where = ".".join(str(p) for p in parts if p != "body") or "body"
+            return routes_consent.outcome(400, where, str(first["msg"]))
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.middleware("http")
     async def no_leaks(
@@ -94,8 +105,15 @@ def create_app(
             return await call_next(request)
         except Exception as exc:
             log.error("api.error", path=request.url.path, **error_fields(exc))
-            return JSONResponse(
-                {"detail": "Internal error; the operations log has details."}, status_code=500
-            )
+            text = "Internal error; the operations log has details."
+            return refusal(request.url.path, 500, "request", text)
 
+    app.add_middleware(InputLimits, max_body_bytes=max_body_bytes)
     return app
+
+
+def _printable(value: object) -> str | int:
+    """A location part or message that JSON can carry (lone surrogates replaced)."""
+    if isinstance(value, int):
+        return value
+    return str(value).encode("utf-8", "replace").decode("utf-8")

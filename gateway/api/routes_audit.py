@@ -9,12 +9,17 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from gateway import audit
 from gateway.api.openapi import example
 from gateway.api.policy import Grant, allow
-from gateway.audit.search import MAX_ENTRIES, entries_for_patient, patient_key_for
+from gateway.audit.search import (
+    MAX_ENTRIES,
+    check_purpose,
+    entries_for_patient,
+    patient_key_for,
+)
 from gateway.model.identifiers import InvalidIdentifier
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
@@ -71,6 +76,8 @@ class AuditSearch(BaseModel):
     )
     limit: int = Field(1000, ge=1, le=MAX_ENTRIES, description="At most this many, oldest first.")
 
+    _purpose_names_no_patient = field_validator("purpose")(check_purpose)
+
 
 @router.post(
     "/search",
@@ -81,7 +88,8 @@ class AuditSearch(BaseModel):
             401: "Missing, expired or foreign bearer token.",
             403: "The token's role is not auditor.",
             422: f"{INVALID} (The number is never repeated in the answer.) Also: a purpose "
-            "that is not a lowercase code, or a limit outside 1-10000.",
+            "that is not a lowercase code or holds an identity number, or a limit outside "
+            "1-10000.",
             503: NO_KEY,
         },
     ),

@@ -26,6 +26,7 @@ from gateway.model.consent import (
     from_fhir,
     to_fhir,
 )
+from gateway.model.fhir_shape import preload, shape_error
 from gateway.model.identifiers import (
     HSA_SYSTEM,
     KIND_BY_SYSTEM,
@@ -35,6 +36,7 @@ from gateway.model.identifiers import (
 )
 from gateway.pipeline import gate
 
+preload("Consent")
 router = APIRouter(tags=["consent (FHIR R4)"])
 Writer = Annotated[Grant, Depends(allow("consent.write"))]
 Reader = Annotated[Grant, Depends(allow("consent.read"))]
@@ -144,6 +146,10 @@ def _docs(ok: int, ok_example: Any, *errors: int) -> dict[int | str, dict[str, A
     return responses
 
 
+def is_consent(resource: Any) -> bool:
+    return isinstance(resource, dict) and resource.get("resourceType") == "Consent"
+
+
 def _stored(response: Response, stored: gate.StoredConsent) -> dict[str, Any]:
     response.headers["Location"] = f"/fhir/Consent/{stored.record.id}/_history/{stored.version}"
     response.headers["ETag"] = f'W/"{stored.version}"'
@@ -153,6 +159,9 @@ def _stored(response: Response, stored: gate.StoredConsent) -> dict[str, Any]:
 async def _save(
     request: Request, resource: Any, consent_id: str, who: Grant
 ) -> gate.StoredConsent | JSONResponse:
+    shape = shape_error(resource, "Consent", required=False) if is_consent(resource) else None
+    if shape is not None:
+        return outcome(status.HTTP_400_BAD_REQUEST, *shape)
     try:
         record = from_fhir(resource, consent_id, clock.now())
     except ConsentInvalid as exc:

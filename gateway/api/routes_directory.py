@@ -28,7 +28,7 @@ from gateway.api.policy import Grant, allow, may_change_directory
 from gateway.api.routes_consent import FHIR_JSON, outcome
 from gateway.directory import Endpoint, Hours, Organisation
 from gateway.directory import store as directory_store
-from gateway.directory.fhir import TYPES, DirectoryInvalid, unit_resources
+from gateway.directory.fhir import FHIR_ID, TYPES, DirectoryInvalid, unit_resources
 from gateway.model.identifiers import HSA_SYSTEM
 
 router = APIRouter(tags=["directory (FHIR R4)"])
@@ -165,6 +165,8 @@ async def _change(
 async def _save(
     request: Request, rtype: str, rid: str, resource: Any, who: Grant, if_match: str | None
 ) -> JSONResponse:
+    if not FHIR_ID.match(rid):
+        return outcome(400, f"{rtype}.id", "the id in the URL must be 1-64 of A-Z a-z 0-9 - .")
     done = await _change(
         request,
         rtype,

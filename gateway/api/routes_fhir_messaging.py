@@ -186,6 +186,8 @@ def _header(bundle: Any) -> tuple[dict[str, Any] | None, JSONResponse | None]:
     if bundle.get("type") != "message":
         return None, outcome(400, "Bundle.type", "the Bundle must be of type message")
     entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        return None, outcome(400, "Bundle.entry", "entry must be a list of entries")
     first = entries[0].get("resource") if entries and isinstance(entries[0], dict) else None
     if not isinstance(first, dict) or first.get("resourceType") != "MessageHeader":
         return None, outcome(
@@ -219,14 +221,20 @@ async def process_message(
     if not isinstance(response, dict):
         return JSONResponse(NOT_A_RESPONSE, status_code=422, media_type=FHIR_JSON)
     code = response.get("code")
-    if code not in RESPONSE_CODES:
+    if not isinstance(code, str) or code not in RESPONSE_CODES:
         return outcome(
             400,
             "Bundle.entry[0].resource.response.code",
             "response.code must be ok, transient-error or fatal-error",
             code="code-invalid",
         )
-    delivery_id = str(response.get("identifier") or "")
+    delivery_id = response.get("identifier")
+    if not isinstance(delivery_id, str):
+        return outcome(
+            400,
+            "Bundle.entry[0].resource.response.identifier",
+            "response.identifier must be the id of the delivery (a string)",
+        )
     async with request.app.state.db.transaction() as conn:
         row = (
             await conn.execute(

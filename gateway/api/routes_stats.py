@@ -54,7 +54,8 @@ EXAMPLE_STATS = {
         {
             401: "No valid bearer token.",
             403: "The token's role is neither ops nor auditor.",
-            422: "month is missing or not YYYY-MM, or municipality is empty or too long.",
+            422: "month is missing, not YYYY-MM or outside 2000-2999, or municipality is "
+            "empty or too long.",
         },
     ),
 )
@@ -64,8 +65,10 @@ async def get_stats(
     month: Annotated[
         str,
         Query(
-            description="Calendar month in Stockholm time, YYYY-MM.",
+            description="Calendar month in Stockholm time, YYYY-MM (years 2000-2999).",
             examples=["2026-11"],
+            # documented, not enforced here: Month.parse answers with its own message
+            json_schema_extra={"pattern": r"^\d{4}-(0[1-9]|1[0-2])$"},
         ),
     ],
     municipality: Annotated[

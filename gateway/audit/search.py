@@ -13,11 +13,19 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.bus.keys import PatientKeyer
+from gateway.logs import redact_identity_numbers
 from gateway.model.identifiers import parse_identity_number
 from gateway.store.tables import audit_log
 
 MAX_ENTRIES = 10_000
 COLUMNS = ("actor", "actor_org", "role", "action", "subject", "purpose", "outcome", "detail")
+
+
+def check_purpose(purpose: str) -> str:
+    """The purpose is stored in clear with the search: it must not name the patient."""
+    if redact_identity_numbers(purpose) != purpose:
+        raise ValueError("purpose must not contain a personal identity number")
+    return purpose
 
 
 def patient_key_for(keyer: PatientKeyer, identity_number: str) -> str:

@@ -33,8 +33,6 @@ from datetime import time
 from typing import Any
 from urllib.parse import quote, unquote
 
-from pydantic import ValidationError
-
 from gateway.directory import (
     CHANNELS,
     KINDS,
@@ -44,6 +42,7 @@ from gateway.directory import (
     Municipality,
     Organisation,
 )
+from gateway.model.fhir_shape import shape_error
 from gateway.model.identifiers import HSA_SYSTEM, is_hsa_id
 
 BASE = "https://brygga.dev/fhir"
@@ -68,7 +67,7 @@ CONNECTION: dict[str, tuple[str, str]] = {
 }
 CHANNEL_BY_CODE = {code: channel for channel, code in CONNECTION.items()}
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")
 _NAMESPACE = uuid.UUID("0d6f5f0e-6f6c-4b8e-9a35-8b1f6f2d0a09")
 
@@ -106,7 +105,7 @@ class Parsed:
 def resource_id(prefix: str, key: str) -> str:
     """A readable, stable id for a resource made from the model (a uuid5 when too long)."""
     rid = f"{prefix}{key}"
-    return rid if _ID.match(rid) else str(uuid.uuid5(_NAMESPACE, rid))
+    return rid if FHIR_ID.match(rid) else str(uuid.uuid5(_NAMESPACE, rid))
 
 
 # --------------------------------------------------------------------------- model -> FHIR
@@ -394,23 +393,11 @@ def _connection(resource: dict[str, Any]) -> tuple[str, str]:
 # --------------------------------------------------------------------------- checking input
 
 
-def _fhirpath(rtype: str, loc: Iterable[Any]) -> str:
-    path = rtype
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
-
-
 def _structure(resource: dict[str, Any], rtype: str) -> None:
     """Validate against the R4B model of the type (cardinalities, data types)."""
-    from fhir.resources.R4B import get_fhir_model_class
-
-    try:
-        get_fhir_model_class(rtype).model_validate(resource)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = [p for p in first.get("loc", ()) if p != "__root__"]
-        raise DirectoryInvalid(_fhirpath(rtype, loc), str(first.get("msg", "invalid"))) from None
+    failed = shape_error(resource, rtype)
+    if failed is not None:
+        raise DirectoryInvalid(*failed)
 
 
 def _ext_path(rtype: str, url: str) -> str:
@@ -537,7 +524,7 @@ def parse(resource: Any, rtype: str) -> Parsed:
     caller to resolve (the store, or the other entries of a Bundle)."""
     if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
         raise DirectoryInvalid(rtype, f"the body must be a FHIR {rtype} resource (JSON)")
-    if "id" in resource and not _ID.match(str(resource["id"])):
+    if "id" in resource and not FHIR_ID.match(str(resource["id"])):
         raise DirectoryInvalid(f"{rtype}.id", "a FHIR id: 1-64 of A-Z a-z 0-9 - .")
     _structure(resource, rtype)
     return _CHECKS[rtype](resource)

@@ -47,18 +47,20 @@ def issue_text(body: Any, bundle: dict[str, Any], limit: int = 200) -> str:
     if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
         outcomes.append(body)
     elif isinstance(body, dict):
-        for entry in body.get("entry") or []:
+        entries = body.get("entry")
+        for entry in entries if isinstance(entries, list) else []:
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome":
                 outcomes.append(resource)
     parts = []
     for oo in outcomes:
-        for issue in oo.get("issue") or []:
+        issues = oo.get("issue")
+        for issue in issues if isinstance(issues, list) else []:
             if not isinstance(issue, dict):
                 continue
             details = issue.get("details")
             text = (details.get("text") if isinstance(details, dict) else "") or ""
-            text = text or issue.get("diagnostics") or ""
+            text = str(text or issue.get("diagnostics") or "")
             code = str(issue.get("code", ""))
             parts.append(f"{code}: {text}" if text else code)
     return outside_text("; ".join(parts), bundle, limit=limit)

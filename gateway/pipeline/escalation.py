@@ -232,7 +232,7 @@ class Escalator:
                 responsible_hsa_id=responsible,
                 municipality=town,
                 district=district,
-                summary=f"{late.event} till {late.recipient_name} ({late.recipient_hsa_id}) {what}",
+                summary=f"{late.event} till {_label(late)} {what}",
             ),
             now,
         )
@@ -248,7 +248,6 @@ class Escalator:
                 select(
                     deliveries.c.message_id,
                     deliveries.c.recipient_hsa_id,
-                    deliveries.c.recipient_name,
                     deliveries.c.role,
                     deliveries.c.state,
                     deliveries.c.escalation_level,
@@ -263,14 +262,16 @@ class Escalator:
         ).one()
         view = read_bundle(json.loads(row.canonical))
         directory = await self.directory.current(conn)
+        recipient = directory.get(row.recipient_hsa_id)
         return Late(
             id=delivery_id,
             message_id=row.message_id,
             patient_key=row.patient_key,
             episode_key=row.episode_key,
-            recipient=directory.get(row.recipient_hsa_id),
+            recipient=recipient,
             recipient_hsa_id=row.recipient_hsa_id,
-            recipient_name=row.recipient_name,
+            # the directory's name, never one a message gave (decision 0011)
+            recipient_name=recipient.name if recipient else row.recipient_hsa_id,
             role=row.role,
             state=State(row.state),
             level=row.escalation_level,
@@ -290,3 +291,11 @@ async def _protected(conn: AsyncConnection, message_id: str) -> bool:
         await conn.execute(select(messages.c.canonical).where(messages.c.id == message_id))
     ).scalar_one()
     return read_bundle(json.loads(canonical)).protected_identity
+
+
+def _label(late: Late) -> str:
+    """The recipient as a deviation names it: the directory's name and HSA-id, or the
+    HSA-id alone for a party the directory does not know."""
+    if late.recipient_name == late.recipient_hsa_id:
+        return late.recipient_hsa_id
+    return f"{late.recipient_name} ({late.recipient_hsa_id})"

@@ -373,7 +373,9 @@ class RouteStage(Stage):
                 id=delivery_id,
                 message_id=message_id,
                 recipient_hsa_id=recipient.hsa_id,
-                recipient_name=org.name if org else recipient.name or recipient.hsa_id,
+                # A party missing from the directory is named by HSA-id only: the name the
+                # message gives is patient-related text and stays in the encrypted message.
+                recipient_name=org.name if org else recipient.hsa_id,
                 role=recipient.role,
                 for_information=recipient.for_information,
                 channel=channel,

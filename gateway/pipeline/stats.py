@@ -41,6 +41,7 @@ from gateway.store.tables import (
 )
 
 SIP_RULE = "kallelse-sip"
+FIRST_YEAR, LAST_YEAR = 2000, 2999  # beyond, a month's bounds leave the calendar's range
 _MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
 # The events that make up a stay's clock: ready, its cancellation, SIP, discharge, its cancellation.
 _STAY_EVENTS = (
@@ -68,6 +69,8 @@ class Month:
         found = _MONTH.fullmatch(text.strip())
         if not found:
             raise MonthError("month must be a calendar month written YYYY-MM, e.g. 2026-11")
+        if not FIRST_YEAR <= int(found[1]) <= LAST_YEAR:
+            raise MonthError(f"month must lie in the years {FIRST_YEAR}-{LAST_YEAR}")
         return cls(int(found[1]), int(found[2]))
 
     def __str__(self) -> str:
