@@ -270,7 +270,7 @@ class Escalator:
             episode_key=row.episode_key,
             recipient=recipient,
             recipient_hsa_id=row.recipient_hsa_id,
-            # the directory's name, never one a message gave (decision 0011)
+            # the directory's name, never one a message gave (decision 0012)
             recipient_name=recipient.name if recipient else row.recipient_hsa_id,
             role=row.role,
             state=State(row.state),
