@@ -200,7 +200,7 @@ async def test_an_unexpected_error_is_a_500_without_its_text(tmp_path: Path) -> 
 
 ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=8)  # surrogates included
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | ANY_TEXT,
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | ANY_TEXT,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4),
     max_leaves=20,
 )
