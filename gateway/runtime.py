@@ -104,13 +104,14 @@ class Gateway:
         )
         await keyring.start()
         columns.install(keyring)
+        kafka.install(kafka.Connection.from_settings(s))
         bootstrap = s.kafka_bootstrap
         if bootstrap is None:
             self.broker = EmbeddedBroker(s.data_dir, s.embedded_broker_port)
             await self.broker.start()
             self._spawn(self.broker.supervise(), "broker")
             bootstrap = self.broker.bootstrap
-        await kafka.ensure_topics(bootstrap)
+        await kafka.ensure_topics(bootstrap, create=s.kafka_create_topics)
         session_ms = s.consumer_session_timeout_ms or (3000 if self.broker else 10000)
         channels = ChannelRegistry.discover()
         # The directory lives in the database (managed over /fhir/Organization, …); the file
@@ -134,7 +135,8 @@ class Gateway:
             await producer.start()
             self._closers.append(producer.stop)
             self._spawn(Relay(db, producer, s.relay_poll_seconds, keyring).run(), "relay")
-            self._spawn(kafka.keep_topics(bootstrap), "keep_topics")
+            if s.kafka_create_topics:
+                self._spawn(kafka.keep_topics(bootstrap), "keep_topics")
             self._started.add("relay")
         if "reconcile" in self.stages:
             self._spawn(

@@ -50,6 +50,40 @@ class Settings(BaseSettings):
         None, description="host:port of a Kafka cluster; default: start the embedded broker."
     )
     embedded_broker_port: int = Field(0, description="0 picks a free loopback port.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How the gateway talks to Kafka; SASL_SSL in production."
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="PEM CA bundle that signed the brokers' certificates (SSL, SASL_SSL)."
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        None, description="PEM client certificate, when the brokers want one (mTLS)."
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        None, description="PEM private key of kafka_ssl_certfile."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism (SASL_PLAINTEXT, SASL_SSL)."
+    )
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_idempotence: bool = Field(
+        False,
+        description="Idempotent producer (acks=all either way). On for Apache Kafka; the "
+        "embedded broker cannot.",
+    )
+    kafka_topic_prefix: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="Prepended to every topic and consumer group name (several gateways on "
+        "one cluster); the same value as TOPIC_PREFIX of deploy/kafka-topics.sh.",
+    )
+    kafka_create_topics: bool = Field(
+        True,
+        description="Create missing topics at start (the embedded broker). Off where "
+        "deploy/kafka-topics.sh made them with their replication: the gateway then waits "
+        "for them.",
+    )
     mllp_host: str = "127.0.0.1"
     mllp_port: int = 2575
     mllp_tls_cert: Path | None = Field(

@@ -1,4 +1,5 @@
-"""Fixtures: every database test runs on SQLite and on the machine's PostgreSQL."""
+"""Fixtures: every database test runs on SQLite and on PostgreSQL; the end-to-end suites that
+kill brokers run on Tansu and on Apache Kafka."""
 
 from __future__ import annotations
 
@@ -13,7 +14,29 @@ from gateway.crypto import columns
 from gateway.crypto.kek import LocalKek
 from gateway.crypto.keyring import Keyring
 from gateway.store.db import Database, migrate
-from tests.support import Broker, GatewayProcess, create_pg_database, drop_pg_database
+from tests.services.kafka import KafkaCluster
+from tests.support import (
+    AnyBroker,
+    Broker,
+    GatewayProcess,
+    KafkaBroker,
+    create_pg_database,
+    drop_pg_database,
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Apache Kafka runs with PostgreSQL only, as in production: the SQLite pairing adds
+    minutes to the suite and tests nothing the Tansu runs do not."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        p = params.params if params else {}
+        pairing = (p.get("broker"), p.get("database_url"))
+        (drop if pairing == ("kafka", "sqlite") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -48,8 +71,28 @@ async def db(database_url: str) -> AsyncIterator[Database]:
     await database.close()
 
 
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """One single-node Apache Kafka for the session, started on first use. Tests share it
+    through :class:`KafkaBroker` (own topics and groups each)."""
+    cluster = KafkaCluster(tmp_path_factory.mktemp("kafka"), nodes=1)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyBroker]:
+    """Tansu by default; ``@ON_BOTH_BROKERS`` (tests/support.py) runs a test on both."""
+    if getattr(request, "param", "tansu") == "kafka":
+        kafka = KafkaBroker(request.getfixturevalue("kafka_cluster"))
+        try:
+            yield kafka
+        finally:
+            kafka.heal()
+        return
     b = Broker(tmp_path)
     b.start()
     try:
@@ -59,8 +102,8 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 @pytest.fixture
-def gateway(tmp_path: Path, database_url: str, broker: Broker) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(tmp_path / "gw", database_url, broker.bootstrap)
+def gateway(tmp_path: Path, database_url: str, broker: AnyBroker) -> Iterator[GatewayProcess]:
+    gw = GatewayProcess(tmp_path / "gw", database_url, broker)
     gw.start()
     try:
         yield gw

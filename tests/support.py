@@ -1,4 +1,4 @@
-"""Real parts for tests: a Kafka-protocol broker process, databases, gateway processes."""
+"""Real parts for tests: Kafka-protocol brokers (Tansu, Apache Kafka), databases, gateways."""
 
 from __future__ import annotations
 
@@ -12,15 +12,19 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
+import pytest
 
 from gateway.api.auth import TokenKeys
 from gateway.bus import broker as broker_mod
 from gateway.bus.broker import free_port
 from gateway.clock import STOCKHOLM
 from gateway.model.identifiers import synthetic_personnummer
+
+if TYPE_CHECKING:
+    from tests.services.kafka import KafkaCluster
 
 personnummer = synthetic_personnummer  # the tests' made-up patients
 
@@ -36,8 +40,31 @@ def now_sthlm() -> datetime:
     return datetime.now(STOCKHOLM)
 
 
+# A suite that runs on Tansu and on Apache Kafka: ``@ON_BOTH_BROKERS`` on a test that takes
+# the ``broker`` fixture (tests/conftest.py).
+ON_BOTH_BROKERS = pytest.mark.parametrize("broker", ["tansu", "kafka"], indirect=True)
+
+
+class AnyBroker(Protocol):
+    """What a suite parametrised over both brokers uses (Tansu, or Apache Kafka)."""
+
+    name: str
+
+    @property
+    def bootstrap(self) -> str: ...
+    def gateway_env(self) -> dict[str, str]: ...
+    def client_kwargs(self) -> dict[str, Any]: ...
+    def topic(self, name: str) -> str: ...
+    def kill(self) -> None: ...
+    def start(self) -> None: ...
+    def kill_node(self, i: int) -> None: ...
+    def start_node(self, i: int) -> None: ...
+
+
 class Broker:
     """Tansu on a loopback port; can be killed (losing everything) and restarted."""
+
+    name = "tansu"
 
     def __init__(self, log_dir: Path) -> None:
         self.port = free_port()
@@ -48,6 +75,19 @@ class Broker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def gateway_env(self) -> dict[str, str]:
+        # Tansu answers a group join after half the session: keep it short.
+        return {
+            "BRYGGA_KAFKA_BOOTSTRAP": self.bootstrap,
+            "BRYGGA_CONSUMER_SESSION_TIMEOUT_MS": "3000",
+        }
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {"bootstrap_servers": self.bootstrap}
+
+    def topic(self, name: str) -> str:
+        return name
+
     def start(self) -> None:
         self.proc = broker_mod.spawn(self.port, self.log, die_with_parent=True)
         asyncio.run(broker_mod.wait_listening(self.port))
@@ -57,10 +97,64 @@ class Broker:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def kill_node(self, i: int = 0) -> None:
+        self.kill()
+
+    def start_node(self, i: int = 0) -> None:
+        self.start()
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class KafkaBroker:
+    """One test's share of a session's Apache Kafka: topics and consumer groups of its own
+    (a topic prefix), made with deploy/kafka-topics.sh. Killed nodes restart with their data."""
+
+    name = "kafka"
+
+    def __init__(self, cluster: KafkaCluster, prefix: str | None = None) -> None:
+        self.cluster = cluster
+        self.prefix = prefix if prefix is not None else f"t{uuid.uuid4().hex[:10]}."
+        cluster.create_topics(self.prefix)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.cluster.bootstrap
+
+    def gateway_env(self) -> dict[str, str]:
+        return self.cluster.gateway_env() | {"BRYGGA_KAFKA_TOPIC_PREFIX": self.prefix}
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return self.cluster.client_kwargs()
+
+    def topic(self, name: str) -> str:
+        return self.prefix + name
+
+    def kill(self) -> None:
+        for i in range(self.cluster.nodes):
+            self.cluster.kill_node(i)
+
+    def start(self) -> None:
+        for i in range(self.cluster.nodes):
+            self.cluster.start_node(i)
+        self.cluster.wait_ready()
+
+    def kill_node(self, i: int) -> None:
+        self.cluster.kill_node(i)
+
+    def start_node(self, i: int) -> None:
+        self.cluster.start_node(i)
+
+    def heal(self) -> None:
+        """Every node running again, for the next test on the same cluster."""
+        dead = [i for i, p in enumerate(self.cluster.procs) if p is None or p.poll() is not None]
+        for i in dead:
+            self.cluster.start_node(i)
+        if dead:
+            self.cluster.wait_ready()
 
 
 def create_pg_database() -> str:
@@ -102,7 +196,7 @@ class GatewayProcess:
         self,
         data_dir: Path,
         database_url: str,
-        bootstrap: str | None,
+        broker: str | AnyBroker | None,
         command: tuple[str, ...] = ("run",),
         **extra_env: str,
     ) -> None:
@@ -119,12 +213,14 @@ class GatewayProcess:
             "BRYGGA_MLLP_PORT": str(self.mllp_port),
             "BRYGGA_RECONCILE_AFTER_SECONDS": "3",
             "BRYGGA_RECONCILE_INTERVAL_SECONDS": "0.5",
-            # The test broker is Tansu, which answers a group join after half the session.
+            # Tansu (a bare bootstrap) answers a group join after half the session.
             "BRYGGA_CONSUMER_SESSION_TIMEOUT_MS": "3000",
-            **extra_env,
         }
-        if bootstrap:
-            self.env["BRYGGA_KAFKA_BOOTSTRAP"] = bootstrap
+        if isinstance(broker, str):
+            self.env["BRYGGA_KAFKA_BOOTSTRAP"] = broker
+        elif broker is not None:
+            self.env |= broker.gateway_env()
+        self.env |= extra_env
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

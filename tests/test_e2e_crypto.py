@@ -23,7 +23,14 @@ from gateway.crypto.kek import encode_keys, new_key, write_key_file
 from gateway.demo import HOME_CARE, admission
 from gateway.model.bundle import CONSENT_BASIS_SYSTEM
 from gateway.model.identifiers import SYSTEMS, IdentifierKind
-from tests.support import Broker, GatewayProcess, now_sthlm, personnummer, wait_for
+from tests.support import (
+    ON_BOTH_BROKERS,
+    AnyBroker,
+    GatewayProcess,
+    now_sthlm,
+    personnummer,
+    wait_for,
+)
 from tests.test_e2e_crash import _all_records, _delivered_exactly_once
 from tests.test_e2e_path import msa, send
 from tests.test_takecare_receipts import TakeCareListener, reporting_gateway, takecare
@@ -115,8 +122,9 @@ def _assert_nowhere(secrets: list[str], where: str, values: list[tuple[str, Any]
             assert encoded not in data, f"{secret!r} in the clear in {where} {table}"
 
 
+@ON_BOTH_BROKERS
 def test_no_patient_data_in_the_clear_in_the_database_or_on_kafka(
-    tmp_path: Path, database_url: str, broker: Broker, takecare: TakeCareListener
+    tmp_path: Path, database_url: str, broker: AnyBroker, takecare: TakeCareListener
 ) -> None:
     # Receipts back to TakeCare are stored first: source_notifications gets ORUs with PID.
     gw = reporting_gateway(tmp_path, database_url, broker, takecare)
@@ -185,7 +193,7 @@ def test_no_patient_data_in_the_clear_in_the_database_or_on_kafka(
         contents = [(f.name, f.read_bytes()) for f in files if f.exists()]
         _assert_nowhere(secrets, "the file", contents)
 
-    records = _all_records(broker.bootstrap)
+    records = _all_records(broker)
     assert len(records) >= 3 * 3
     for key, value in records:
         assert key is not None and len(key) == 32
@@ -206,12 +214,11 @@ def _dek_ids(url: str, table: str, column: str) -> list[str]:
     return out
 
 
+@ON_BOTH_BROKERS
 def test_keys_rotate_while_messages_flow_loses_and_duplicates_nothing(
-    tmp_path: Path, database_url: str, broker: Broker
+    tmp_path: Path, database_url: str, broker: AnyBroker
 ) -> None:
-    gw = GatewayProcess(
-        tmp_path / "gw", database_url, broker.bootstrap, BRYGGA_KEY_CACHE_SECONDS="0.5"
-    )
+    gw = GatewayProcess(tmp_path / "gw", database_url, broker, BRYGGA_KEY_CACHE_SECONDS="0.5")
     gw.start()
     sent: dict[str, dict[str, str]] = {}
     acked: list[str] = []
@@ -260,7 +267,7 @@ def test_keys_rotate_while_messages_flow_loses_and_duplicates_nothing(
         # One process, one connection: every message after the switch uses the new key.
         assert sum(a != b for a, b in zip(raw_keys, raw_keys[1:], strict=False)) == 1
         assert _dek_ids(url, "messages", "canonical") == raw_keys
-        record_keys = {envelope.dek_id_of(v) for _, v in _all_records(broker.bootstrap)}
+        record_keys = {envelope.dek_id_of(v) for _, v in _all_records(broker)}
         assert set(raw_keys) <= record_keys
 
         shown = gw.cli("keys", "show")

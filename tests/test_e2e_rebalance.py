@@ -14,7 +14,14 @@ from sqlalchemy import func, select
 from gateway.demo import admission
 from gateway.store.db import Database
 from gateway.store.tables import deliveries, delivery_attempts, messages, receipt_events
-from tests.support import GatewayProcess, now_sthlm, personnummer, wait_for
+from tests.support import (
+    ON_BOTH_BROKERS,
+    AnyBroker,
+    GatewayProcess,
+    now_sthlm,
+    personnummer,
+    wait_for,
+)
 from tests.test_e2e_path import msa, send
 
 pytestmark = pytest.mark.slow
@@ -67,22 +74,23 @@ def tally(url: str) -> dict[str, object]:
     return asyncio.run(_tally(url))
 
 
+@ON_BOTH_BROKERS
 def test_a_rebalance_mid_stream_loses_and_duplicates_nothing(
     tmp_path,
     database_url: str,
-    broker,  # type: ignore[no-untyped-def]
+    broker: AnyBroker,
 ) -> None:
     front = GatewayProcess(
         tmp_path / "front",
         database_url,
-        broker.bootstrap,
+        broker,
         command=("worker", "--stages", "intake,relay,reconcile,api"),
     )
     first = GatewayProcess(
-        tmp_path / "w1", database_url, broker.bootstrap, command=("worker", "--stages", PIPELINE)
+        tmp_path / "w1", database_url, broker, command=("worker", "--stages", PIPELINE)
     )
     second = GatewayProcess(
-        tmp_path / "w2", database_url, broker.bootstrap, command=("worker", "--stages", PIPELINE)
+        tmp_path / "w2", database_url, broker, command=("worker", "--stages", PIPELINE)
     )
     front.start()
     for worker in (first, second):  # processes of one gateway share its keys

@@ -15,7 +15,15 @@ from adapters.takecare import mllp
 from adapters.takecare.ack import build_ack
 from adapters.takecare.hl7in import MshHeader
 from gateway.demo import HOME_CARE, admission
-from tests.support import Broker, GatewayProcess, free_port, now_sthlm, personnummer, wait_for
+from tests.support import (
+    AnyBroker,
+    Broker,
+    GatewayProcess,
+    free_port,
+    now_sthlm,
+    personnummer,
+    wait_for,
+)
 from tests.test_e2e_path import msa, send
 
 
@@ -81,13 +89,13 @@ class TakeCareListener:
 
 
 def reporting_gateway(
-    tmp_path: Path, database_url: str, broker: Broker, takecare: TakeCareListener
+    tmp_path: Path, database_url: str, broker: AnyBroker, takecare: TakeCareListener
 ) -> GatewayProcess:
     """A gateway that sends its receipts to ``takecare`` (retrying every 0.3 s)."""
     return GatewayProcess(
         tmp_path / "gw",
         database_url,
-        broker.bootstrap,
+        broker,
         BRYGGA_TAKECARE_RECEIPTS_HOST="127.0.0.1",
         BRYGGA_TAKECARE_RECEIPTS_PORT=str(takecare.port),
         BRYGGA_TAKECARE_RETRY_SECONDS="0.3",

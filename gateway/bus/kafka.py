@@ -1,12 +1,20 @@
 """aiokafka clients configured the one way the gateway uses them.
 
-No idempotent producer and no transactions: the embedded broker does not support them, and
-the outbox plus idempotent consumers make them unnecessary.
+Producers always ask for ``acks=all``; the idempotent producer is on where the cluster offers it
+(Apache Kafka: ``BRYGGA_KAFKA_IDEMPOTENCE``), off on the embedded broker, which cannot. Nothing
+depends on it: the outbox plus idempotent consumers already give exactly-once effects; it only
+keeps a producer retry from writing a record twice. No transactions.
+
+How to reach the cluster (TLS, SASL, a topic prefix) is one :class:`Connection`, installed once
+per process by :func:`install`, as the keyring is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -15,17 +23,93 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from gateway.bus.topics import ALL_TOPICS
 from gateway.logs import error_fields
 
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
 log = structlog.get_logger("brygga.kafka")
 PARTITIONS = 4
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Security and naming of this process's Kafka clients."""
+
+    security_protocol: str = "PLAINTEXT"
+    ssl_context: ssl.SSLContext | None = None
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    idempotence: bool = False
+    topic_prefix: str = ""
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Connection:
+        protocol = s.kafka_security_protocol
+        context = None
+        if protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context(
+                cafile=str(s.kafka_ssl_cafile) if s.kafka_ssl_cafile else None
+            )
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if s.kafka_ssl_certfile or s.kafka_ssl_keyfile:
+                if not (s.kafka_ssl_certfile and s.kafka_ssl_keyfile):
+                    raise ValueError(
+                        "Kafka client TLS needs both BRYGGA_KAFKA_SSL_CERTFILE and "
+                        "BRYGGA_KAFKA_SSL_KEYFILE"
+                    )
+                context.load_cert_chain(s.kafka_ssl_certfile, s.kafka_ssl_keyfile)
+        password = s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else None
+        if protocol.startswith("SASL_") and not (s.kafka_sasl_username and password):
+            raise ValueError(
+                f"BRYGGA_KAFKA_SECURITY_PROTOCOL={protocol} needs BRYGGA_KAFKA_SASL_USERNAME "
+                "and BRYGGA_KAFKA_SASL_PASSWORD"
+            )
+        return cls(
+            security_protocol=protocol,
+            ssl_context=context,
+            sasl_mechanism=s.kafka_sasl_mechanism,
+            sasl_username=s.kafka_sasl_username,
+            sasl_password=password,
+            idempotence=s.kafka_idempotence,
+            topic_prefix=s.kafka_topic_prefix,
+        )
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every aiokafka client of this process gets."""
+        kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.ssl_context is not None:
+            kwargs["ssl_context"] = self.ssl_context
+        if self.security_protocol.startswith("SASL_"):
+            kwargs |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.sasl_password,
+            }
+        return kwargs
+
+
+_connection = Connection()
+
+
+def install(connection: Connection) -> None:
+    global _connection
+    _connection = connection
+
+
+def topic_name(topic: str) -> str:
+    """The name on the cluster of one of the gateway's topics (or consumer groups)."""
+    return _connection.topic_prefix + topic
 
 
 def producer(bootstrap: str) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         acks="all",
+        enable_idempotence=_connection.idempotence,
         linger_ms=2,
         request_timeout_ms=10000,
         retry_backoff_ms=200,
+        **_connection.client_kwargs(),
     )
 
 
@@ -33,9 +117,9 @@ def consumer(
     bootstrap: str, topic: str, group: str, fetch_wait_ms: int, session_timeout_ms: int
 ) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        topic,
+        topic_name(topic),
         bootstrap_servers=bootstrap,
-        group_id=group,
+        group_id=topic_name(group),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=fetch_wait_ms,
@@ -52,6 +136,7 @@ def consumer(
         retry_backoff_ms=200,
         # Notice soon when topics reappear after a broker lost them (memory storage).
         metadata_max_age_ms=3000,
+        **_connection.client_kwargs(),
     )
 
 
@@ -65,14 +150,26 @@ async def keep_topics(bootstrap: str, interval: float = 3.0) -> None:
             log.info("kafka.topics_unavailable", **error_fields(exc))
 
 
-async def ensure_topics(bootstrap: str, attempts: int = 50) -> None:
-    """Create the gateway's topics if missing (several partitions, so workers can share)."""
+async def ensure_topics(bootstrap: str, attempts: int = 50, *, create: bool = True) -> None:
+    """Create the gateway's topics if missing (several partitions, so workers can share).
+
+    With ``create`` off (topics made by deploy/kafka-topics.sh, replicated), only wait until
+    they exist, and say which are missing if they never appear.
+    """
+    wanted = [topic_name(t) for t in ALL_TOPICS]
     for attempt in range(attempts):
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=5000, **_connection.client_kwargs()
+        )
         try:
             await admin.start()
             existing = set(await admin.list_topics())
-            missing = [t for t in ALL_TOPICS if t not in existing]
+            missing = [t for t in wanted if t not in existing]
+            if missing and not create:
+                raise LookupError(
+                    f"Kafka topics missing: {', '.join(missing)} (create them with "
+                    "deploy/kafka-topics.sh, or set BRYGGA_KAFKA_CREATE_TOPICS=true)"
+                )
             if missing:
                 await admin.create_topics(
                     [NewTopic(t, num_partitions=PARTITIONS, replication_factor=1) for t in missing]

@@ -18,6 +18,7 @@ from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import clock
+from gateway.bus.kafka import topic_name
 from gateway.bus.topics import Event, seal_record
 from gateway.crypto.columns import FieldCipher
 from gateway.logs import error_fields
@@ -105,12 +106,11 @@ class Relay:
 
     async def _send(self, rows: Sequence[Row[Any]]) -> None:
         """Send sealed: the outbox row holds the event in the clear (ids and states only)."""
-        futures = [
-            await self.producer.send(
-                r.topic, seal_record(self.cipher, r.topic, r.key, r.payload), key=r.key.encode()
-            )
-            for r in rows
-        ]
+        futures = []
+        for r in rows:
+            topic = topic_name(r.topic)  # sealed for the topic it travels on
+            value = seal_record(self.cipher, topic, r.key, r.payload)
+            futures.append(await self.producer.send(topic, value, key=r.key.encode()))
         await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
 
 
