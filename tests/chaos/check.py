@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.demo import HOME_CARE
 from gateway.store.db import Database
@@ -80,10 +81,16 @@ class Ledger:
     sends: Counter[str]  # delivery id -> 'delivered'/'received' attempts
     delivered_events: Counter[str]  # delivery id -> 'delivered' receipt events
     inbox: dict[str, Counter[str]] = field(default_factory=dict)  # org -> message id -> rows
+    unsettled: set[str] = field(default_factory=set)  # message ids not routed or not handed over
 
     @property
     def open_deliveries(self) -> int:
         return sum(self.states[s] for s in OPEN_STATES)
+
+
+async def _counts(conn: AsyncConnection, query: Select[Any]) -> Counter[str]:
+    """A grouped count (key, n) as a Counter."""
+    return Counter({key: n for key, n in (await conn.execute(query)).all()})
 
 
 async def _read(url: str) -> Ledger:
@@ -96,48 +103,37 @@ async def _read(url: str) -> Ledger:
                     select(func.count()).where(messages.c.status.in_(OPEN_MESSAGES))
                 )
             ).scalar_one()
-            states = Counter(
-                dict(
-                    (
-                        await conn.execute(
-                            select(deliveries.c.state, func.count()).group_by(deliveries.c.state)
-                        )
-                    ).all()
-                )
+            states = await _counts(
+                conn, select(deliveries.c.state, func.count()).group_by(deliveries.c.state)
             )
-            per_message = Counter(
-                dict(
-                    (
-                        await conn.execute(
-                            select(deliveries.c.message_id, func.count()).group_by(
-                                deliveries.c.message_id
-                            )
-                        )
-                    ).all()
-                )
+            per_message = await _counts(
+                conn,
+                select(deliveries.c.message_id, func.count()).group_by(deliveries.c.message_id),
             )
-            sends = Counter(
-                dict(
-                    (
-                        await conn.execute(
-                            select(delivery_attempts.c.delivery_id, func.count())
-                            .where(delivery_attempts.c.outcome.in_(["delivered", "received"]))
-                            .group_by(delivery_attempts.c.delivery_id)
-                        )
-                    ).all()
-                )
+            sends = await _counts(
+                conn,
+                select(delivery_attempts.c.delivery_id, func.count())
+                .where(delivery_attempts.c.outcome.in_(["delivered", "received"]))
+                .group_by(delivery_attempts.c.delivery_id),
             )
-            events = Counter(
-                dict(
-                    (
-                        await conn.execute(
-                            select(receipt_events.c.delivery_id, func.count())
-                            .where(receipt_events.c.state == "delivered")
-                            .group_by(receipt_events.c.delivery_id)
-                        )
-                    ).all()
-                )
+            events = await _counts(
+                conn,
+                select(receipt_events.c.delivery_id, func.count())
+                .where(receipt_events.c.state == "delivered")
+                .group_by(receipt_events.c.delivery_id),
             )
+            unsettled = {
+                *(
+                    await conn.scalars(
+                        select(messages.c.id).where(messages.c.status.in_(OPEN_MESSAGES))
+                    )
+                ),
+                *(
+                    await conn.scalars(
+                        select(deliveries.c.message_id).where(deliveries.c.state.in_(OPEN_STATES))
+                    )
+                ),
+            }
             inbox_rows = (
                 await conn.execute(
                     select(deliveries.c.recipient_hsa_id, deliveries.c.message_id).where(
@@ -151,7 +147,7 @@ async def _read(url: str) -> Ledger:
     inbox: dict[str, Counter[str]] = {org: Counter() for org in INBOX_ORGS}
     for org, message_id in inbox_rows:
         inbox[org][message_id] += 1
-    return Ledger(ids, open_messages, states, per_message, sends, events, inbox)
+    return Ledger(ids, open_messages, states, per_message, sends, events, inbox, unsettled)
 
 
 def read_ledger(url: str) -> Ledger:
@@ -211,15 +207,17 @@ def inbox_duplicates(gw: GatewayProcess) -> int:
 def tally(
     ledger: Ledger, acked: list[str], recipients: Recipients, inbox_listed_twice: int
 ) -> dict[str, Any]:
-    """Lost, delivered twice and stuck, each counted from every place it could show."""
+    """Lost, delivered twice and stuck, each counted from every place it could show. An
+    admission is lost when it was ACKed but is not stored, or is settled but a recipient
+    never got it; one still on its way counts as stuck instead."""
     missing_messages = [cid for cid in acked if cid not in ledger.control_ids]
     shown = recipients.shown_per_admission()
     lost = set(missing_messages)
     twice = 0
     for cid in acked:
         mid = ledger.control_ids.get(cid)
-        if mid is None:
-            continue
+        if mid is None or mid in ledger.unsettled:
+            continue  # missing: lost (above); unsettled: stuck, not (yet) lost
         if ledger.per_message[mid] < RECIPIENTS:
             lost.add(cid)
         for channel in ("fhir", "hl7v2"):

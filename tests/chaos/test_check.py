@@ -75,5 +75,10 @@ def test_a_notice_missing_from_the_inbox_counts_as_lost(tmp_path: Path) -> None:
         ledger = _ledger(CAB000001="m1")
         ledger.states["routed"] = 1
         assert tally(ledger, ["CAB000001"], recipients, 0)["stuck"] == 1
+        on_its_way = _ledger(CAB000002="m2")  # at no recipient yet, and still routed
+        on_its_way.states["routed"] = 1
+        on_its_way.unsettled = {"m2"}
+        figures = tally(on_its_way, ["CAB000002"], recipients, 0)
+        assert (figures["lost"], figures["stuck"]) == (0, 1)
     finally:
         recipients.stop()

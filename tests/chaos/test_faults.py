@@ -8,7 +8,6 @@ CI-sized; the documented run uses 2,000), ``BRYGGA_CHAOS_RATE`` (admissions a se
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -25,9 +24,12 @@ from tests.chaos import figures
 from tests.chaos.check import Recipients, inbox_duplicates, settle, tally
 from tests.chaos.load import Load
 from tests.services import postgres
+from tests.services.kafka import KafkaCluster
 from tests.support import (
-    Broker,
+    ON_BOTH_BROKERS,
+    AnyBroker,
     GatewayProcess,
+    KafkaBroker,
     create_pg_database,
     drop_pg_database,
     now_sthlm,
@@ -42,50 +44,11 @@ STOPPED = float(os.environ.get("BRYGGA_CHAOS_STOP_SECONDS", "20"))
 SETTLE = float(os.environ.get("BRYGGA_CHAOS_SETTLE_SECONDS", str(max(180, ADMISSIONS))))
 CONNECTIONS = 4
 PIPELINE = "consent,route,deliver,receipts,relay"
-HAVE_KAFKA = importlib.util.find_spec("tests.services.kafka") is not None
-
-
-@dataclass
-class Bus:
-    """The Kafka-protocol cluster a scenario runs on, and how a gateway reaches it."""
-
-    name: str
-    bootstrap: str
-    env: dict[str, str]
-    cluster: Any
-
-
-def _kafka(root: Path, nodes: int) -> Bus:
-    from tests.services.kafka import KafkaCluster  # the kafka branch's service
-
-    cluster = KafkaCluster(root, nodes=nodes)
-    cluster.start()
-    return Bus(f"Apache Kafka ({nodes} node{'s' if nodes > 1 else ''})", cluster.bootstrap,
-               cluster.gateway_env(), cluster)  # fmt: skip
-
-
-@pytest.fixture(
-    params=[
-        "tansu",
-        pytest.param(
-            "kafka", marks=pytest.mark.skipif(not HAVE_KAFKA, reason="tests/services/kafka.py")
-        ),
-    ]
-)
-def bus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bus]:
-    if request.param == "tansu":
-        broker = Broker(tmp_path)
-        broker.start()
-        try:
-            yield Bus("Tansu (embedded)", broker.bootstrap, {}, broker)
-        finally:
-            broker.stop()
-        return
-    made = _kafka(tmp_path / "kafka", 1)
-    try:
-        yield made
-    finally:
-        made.cluster.stop()
+BROKER_NAMES = {
+    "tansu": "Tansu (embedded)",
+    "kafka": "Apache Kafka, 1 node",
+    "kafka3": "Apache Kafka, 3 nodes",
+}
 
 
 @pytest.fixture
@@ -104,7 +67,7 @@ class Run:
     name: str
     root: Path
     url: str
-    bus: Bus
+    broker: AnyBroker
     recipients: Recipients
     processes: list[GatewayProcess] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)
@@ -115,10 +78,9 @@ class Run:
         gw = GatewayProcess(
             self.root / name,
             self.url,
-            self.bus.bootstrap,
+            self.broker,
             command=command,
             BRYGGA_DIRECTORY_FILE=str(self.recipients.directory_file),
-            **self.bus.env,
         )
         if self.processes:  # processes of one gateway share its keys
             shutil.copytree(self.processes[0].data_dir / "keys", gw.data_dir / "keys")
@@ -160,7 +122,7 @@ class Run:
         gaps = [load.first_ack_after(f["t"]) for f in self.faults]
         result = {
             "scenario": self.name,
-            "broker": self.bus.name,
+            "broker": BROKER_NAMES.get(self.broker.name, self.broker.name),
             "database": "PostgreSQL",
             "admissions": ADMISSIONS,
             "connections": CONNECTIONS,
@@ -195,8 +157,8 @@ class Run:
 def run(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Any]:
     made: list[Run] = []
 
-    def make(name: str, bus: Bus) -> Run:
-        r = Run(name, tmp_path, pg_url, bus, Recipients(tmp_path / "recipients"))
+    def make(name: str, broker: AnyBroker) -> Run:
+        r = Run(name, tmp_path, pg_url, broker, Recipients(tmp_path / "recipients"))
         made.append(r)
         return r
 
@@ -207,8 +169,9 @@ def run(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator
             r.stop()
 
 
-def test_gateway_sigkill_twice(run: Callable[..., Run], bus: Bus) -> None:
-    r = run("gateway_sigkill", bus)
+@ON_BOTH_BROKERS
+def test_gateway_sigkill_twice(run: Callable[..., Run], broker: AnyBroker) -> None:
+    r = run("gateway_sigkill", broker)
     gw = r.gateway("gw")
     load = r.start_load(gw)
 
@@ -223,11 +186,12 @@ def test_gateway_sigkill_twice(run: Callable[..., Run], bus: Bus) -> None:
     r.finish()
 
 
-def test_postgresql_restart(run: Callable[..., Run], bus: Bus) -> None:
+@ON_BOTH_BROKERS
+def test_postgresql_restart(run: Callable[..., Run], broker: AnyBroker) -> None:
     cluster = postgres.cluster()
     if cluster is None:
         pytest.skip("BRYGGA_TEST_PG names a server these tests may not restart")
-    r = run("postgresql_restart", bus)
+    r = run("postgresql_restart", broker)
     gw = r.gateway("gw")
     load = r.start_load(gw)
     load.wait_until(1 / 2, acked_at_least=1)
@@ -235,8 +199,9 @@ def test_postgresql_restart(run: Callable[..., Run], bus: Bus) -> None:
     r.finish()
 
 
-def test_worker_stopped_while_messages_arrive(run: Callable[..., Run], bus: Bus) -> None:
-    r = run("worker_stopped", bus)
+@ON_BOTH_BROKERS
+def test_worker_stopped_while_messages_arrive(run: Callable[..., Run], broker: AnyBroker) -> None:
+    r = run("worker_stopped", broker)
     front = r.gateway("front", ("worker", "--stages", "intake,relay,reconcile,followup,api"))
     worker = r.gateway("worker", ("worker", "--stages", PIPELINE))
     load = r.start_load(front)
@@ -254,21 +219,23 @@ def test_worker_stopped_while_messages_arrive(run: Callable[..., Run], bus: Bus)
     r.finish()
 
 
-@pytest.mark.skipif(not HAVE_KAFKA, reason="needs tests/services/kafka.py (Apache Kafka)")
 def test_one_kafka_broker_of_three_killed(run: Callable[..., Run], tmp_path: Path) -> None:
-    bus = _kafka(tmp_path / "kafka3", 3)
+    cluster = KafkaCluster(tmp_path / "kafka3", nodes=3)
+    cluster.start()
     started: list[Run] = []
     try:
-        r = run("kafka_broker_sigkill", bus)
+        broker = KafkaBroker(cluster)
+        broker.name = "kafka3"
+        r = run("kafka_broker_sigkill", broker)
         started.append(r)
         gw = r.gateway("gw")
         load = r.start_load(gw)
-        load.wait_until(1 / 3, acked_at_least=1)
-        r.fault("SIGKILL Kafka broker 1 of 3", lambda: bus.cluster.kill_node(1))
-        load.wait_until(2 / 3)
-        r.fault("Kafka broker 1 started again", lambda: bus.cluster.start_node(1))
+        load.wait_until(1 / 4, acked_at_least=1)
+        r.fault("SIGKILL Kafka broker 1 of 3", lambda: cluster.kill_node(1))
+        load.wait_until(3 / 5)
+        r.fault("Kafka broker 1 started again", lambda: cluster.start_node(1))
         r.finish()
     finally:
         for made in started:
             made.stop()  # the gateway goes before the cluster it talks to
-        bus.cluster.stop()
+        cluster.stop()
