@@ -1,7 +1,7 @@
 """A real Apache Kafka (KRaft) cluster on loopback for tests, run from Maven Central's jars.
 
 Maven resolves ``kafka-pom.xml`` (broker, CLI tools, log4j2 binding) once into
-``~/.cache/brygga/kafka-<version>/lib``; every later run reuses it. Each node is a combined
+``~/.cache/brygga/kafka-<version>-<pom hash>/lib``; every later run reuses it. Each node is a combined
 broker and controller (``process.roles=broker,controller``) with its own data folder, so a node
 killed with SIGKILL and started again keeps its log, as a real broker does. With ``tls`` and/or
 ``sasl`` the client listener is SSL, SASL_PLAINTEXT or SASL_SSL (SCRAM-SHA-512, the user made at
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import os
 import re
 import shlex
@@ -51,7 +52,8 @@ def kafka_version() -> str:
 
 def cache_dir() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "brygga" / f"kafka-{kafka_version()}"
+    pom = hashlib.sha256(POM.read_bytes()).hexdigest()[:8]  # a changed pom resolves anew
+    return base / "brygga" / f"kafka-{kafka_version()}-{pom}"
 
 
 def classpath() -> str:
@@ -77,6 +79,15 @@ def classpath() -> str:
             partial.rename(lib)
             (lib / ".complete").touch()
     return f"{lib}/*"
+
+
+def _cluster_id() -> str:
+    """A random Kafka cluster id (base64 of a UUID) that does not start with '-', as Kafka's own
+    ``Uuid.randomUuid`` avoids: the storage tool would read it as an option."""
+    while True:
+        found = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not found.startswith("-"):
+            return found
 
 
 def _log4j_config(root: Path) -> Path:
@@ -109,7 +120,7 @@ class KafkaCluster:
         self.internal_ports = [free_port() for _ in range(nodes)]
         self.controller_ports = [free_port() for _ in range(nodes)]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * nodes
-        self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        self.cluster_id = _cluster_id()
         self.ca_path: Path | None = None
         self._formatted = False
 
