@@ -89,7 +89,7 @@ class Load:
         while self._acked < acked_at_least:
             if time.monotonic() > deadline:
                 raise AssertionError(f"only {self._acked} ACKed, waiting for {acked_at_least}")
-            time.sleep(0.05)
+            time.sleep(0.005)
         assert self.unacked(), "the load was over before the fault"
 
     def resent_messages(self) -> int:
