@@ -22,6 +22,7 @@ COLUMNS = (
     ("lost", "Lost"),
     ("duplicated", "Delivered twice"),
     ("stuck", "Stuck"),
+    ("parked", "Parked"),
     ("intake_gap_s", "Intake gap (s)"),
     ("recovery_s", "Recovery (s)"),
 )
@@ -50,7 +51,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
             f"{row['admissions']} admissions, {row['connections']} MLLP conn., "
             f"{row['rate']:g}/s, {row['resent_messages']} resent"
         )
-    value = row.get(key)
+    value = row.get(key, "–")
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 

@@ -140,7 +140,8 @@ class Run:
             **counts,
         }
         figures.record(result)
-        assert (result["lost"], result["duplicated"], result["stuck"]) == (0, 0, 0), result
+        figures_ = (result["lost"], result["duplicated"], result["stuck"], result["parked"])
+        assert figures_ == (0, 0, 0, 0), result
         assert result["unknown_at_recipient"] == 0, result
         assert result["messages"] == ADMISSIONS
         return result
@@ -188,6 +189,12 @@ def test_gateway_sigkill_twice(run: Callable[..., Run], broker: AnyBroker) -> No
 
 
 @ON_BOTH_BROKERS
+@pytest.mark.xfail(
+    strict=False,
+    reason="known bug: a stage counts database connection errors during a restart as handler "
+    "failures, so 3 quick attempts can park a message (stored, ACKed, never delivered); "
+    "see docs/reliability.md",
+)
 def test_postgresql_restart(run: Callable[..., Run], broker: AnyBroker) -> None:
     cluster = postgres.cluster()
     if cluster is None:
