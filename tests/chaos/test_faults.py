@@ -2,10 +2,10 @@
 then 0 lost, 0 delivered twice to a person, 0 stuck after the settle time, and how long
 recovery took. Run ``pytest -m chaos`` (figures at the end, and in the results file; see
 docs/reliability.md). Sizes from the environment: ``BRYGGA_CHAOS_ADMISSIONS`` (default 30,
-CI-sized; the documented run uses 2,000), ``BRYGGA_CHAOS_RATE`` (admissions a second, 1:
-the load must outlast a gateway restart),
-``BRYGGA_CHAOS_STOP_SECONDS`` (how long the worker stays stopped, 20),
-``BRYGGA_CHAOS_SETTLE_SECONDS`` (how long the pipeline may take to settle afterwards)."""
+CI-sized; 2,000 for the issue's figure), ``BRYGGA_CHAOS_RATE`` (admissions a second, 1: the
+load must outlast a gateway restart), ``BRYGGA_CHAOS_STOP_SECONDS`` (how long the worker
+stays stopped, 20), ``BRYGGA_CHAOS_SETTLE_SECONDS`` (how long the pipeline may take to settle
+afterwards)."""
 
 from __future__ import annotations
 
