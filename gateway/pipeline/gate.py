@@ -127,8 +127,10 @@ async def store(
     patient_key: str,
     source: str,
     source_id: str,
+    audit_later: list[AuditEntry] | None = None,
 ) -> StoredConsent:
-    """Insert or replace a consent record (a new version), then release what it decides."""
+    """Insert or replace a consent record (a new version), then release what it decides.
+    ``audit_later``: as for :func:`apply`."""
     now = clock.now()
     version = (
         await conn.execute(select(consents.c.version).where(consents.c.id == record.id))
@@ -159,12 +161,15 @@ async def store(
         await conn.execute(
             update(consents).where(consents.c.id == record.id).values(version=version, **values)
         )
-    await release(conn, patient_key)
+    await release(conn, patient_key, audit_later)
     return StoredConsent(record, version, patient_key)
 
 
-async def release(conn: AsyncConnection, patient_key: str) -> None:
-    """Decide again for the patient's held deliveries."""
+async def release(
+    conn: AsyncConnection, patient_key: str, audit_later: list[AuditEntry] | None = None
+) -> None:
+    """Decide again for the patient's held deliveries. The gate's audit entries go to
+    ``audit_later`` if given, else they are recorded last."""
     held = (
         await conn.execute(
             select(
@@ -201,7 +206,10 @@ async def release(conn: AsyncConnection, patient_key: str) -> None:
             .where(messages.c.id.in_(released), messages.c.status == "held")
             .values(status="routed", updated_at=now)
         )
-    await audit.record_many(conn, entries)
+    if audit_later is None:
+        await audit.record_many(conn, entries)
+    else:
+        audit_later.extend(entries)
 
 
 async def load(conn: AsyncConnection, consent_id: str) -> StoredConsent | None:
