@@ -7,6 +7,7 @@ import asyncio
 import random
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -323,3 +324,53 @@ async def _key(db: Database, message_id: str) -> str:
                 )
             ).scalar_one()
         )
+
+
+# -- the API: a lock conflict is retried, then a 503, never a 500 ----------------------------
+
+
+async def test_an_inbox_read_retries_a_deadlock_then_answers_503_with_retry_after(
+    db: Database,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _postgres_only(db)
+    from gateway.logs import configure
+    from gateway.pipeline import inbox
+
+    configure("info")
+    keys = TokenKeys.from_dir(tmp_path / "keys")
+    staff = {"Authorization": "Bearer " + keys.issue(HOME_CARE, "staff", "Anna Svensson")}
+    listing = inbox.list_notices_keyed
+    failures = {"left": 0, "calls": 0}
+
+    async def deadlocking(conn: AsyncConnection, org: str, limit: int = 200) -> Any:
+        failures["calls"] += 1
+        if failures["left"]:
+            failures["left"] -= 1  # the server itself raises it: a real 40P01 from PostgreSQL
+            await conn.execute(
+                text(
+                    "DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40P01', "
+                    "MESSAGE = 'deadlock detected'; END $$"
+                )
+            )
+        return await listing(conn, org, limit)
+
+    monkeypatch.setattr(inbox, "list_notices_keyed", deadlocking)
+    app = create_app(db, keys, lambda: [], KEYER)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        failures.update(left=2, calls=0)  # twice, then through: the client never knows
+        r = await client.get("/api/v1/inbox", headers=staff)
+        assert r.status_code == 200 and failures["calls"] == 3
+
+        failures.update(left=100, calls=0)  # every time: a bounded number of tries, then 503
+        r = await client.get("/api/v1/inbox", headers=staff)
+    assert failures["calls"] == 4
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    body = r.json()
+    assert body["resourceType"] == "OperationOutcome"
+    assert body["issue"][0]["code"] == "transient"
+    logged = capsys.readouterr().err
+    assert '"event":"api.busy"' in logged and '"sqlstate":"40P01"' in logged
