@@ -13,11 +13,13 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.logs import exception_chain
+from gateway.logs import error_fields, exception_chain
 from gateway.store.db import Database
 
+log = structlog.get_logger("brygga.store")
 T = TypeVar("T")
 RETRYABLE = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 ATTEMPTS = 4
@@ -53,6 +55,7 @@ async def retrying(
         except Exception as exc:
             if attempt == attempts or not is_retryable(exc):
                 raise
+            log.info("db.retry", attempt=attempt, **error_fields(exc))
             await asyncio.sleep(random.uniform(0, base_delay * 2**attempt))
     raise AssertionError("unreachable")
 
