@@ -168,24 +168,29 @@ class StageRunner:
         await in_transaction(self.stage.db, handle)
 
     async def _park(self, event: Event, key: str, error: str) -> None:
-        await in_transaction(self.stage.db, lambda conn: self._park_in(conn, event, key, error))
-        log.error("stage.parked", stage=self.stage.name, event_id=event.id, error=error)
+        parked = await in_transaction(
+            self.stage.db, lambda conn: self._park_in(conn, event, key, error)
+        )
+        if parked:
+            log.error("stage.parked", stage=self.stage.name, event_id=event.id, error=error)
 
-    async def _park_in(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
-        if await self._claim(conn, event):
-            await self.stage.park(conn, event, key, error)
-            await enqueue(
-                conn,
-                topics.DEADLETTER,
-                key,
-                Event(
-                    id=f"parked:{self.stage.name}:{event.id}",
-                    type="event.parked",
-                    message_id=event.message_id,
-                    delivery_id=event.delivery_id,
-                    data={"stage": self.stage.name, "event_id": event.id, "error": error},
-                ),
-            )
+    async def _park_in(self, conn: AsyncConnection, event: Event, key: str, error: str) -> bool:
+        if not await self._claim(conn, event):
+            return False
+        await self.stage.park(conn, event, key, error)
+        await enqueue(
+            conn,
+            topics.DEADLETTER,
+            key,
+            Event(
+                id=f"parked:{self.stage.name}:{event.id}",
+                type="event.parked",
+                message_id=event.message_id,
+                delivery_id=event.delivery_id,
+                data={"stage": self.stage.name, "event_id": event.id, "error": error},
+            ),
+        )
+        return True
 
     async def _claim(self, conn: AsyncConnection, event: Event) -> bool:
         return await insert_ignore(
