@@ -3,15 +3,20 @@
 Log calls name ids, states and error *classes*, never values. As a second line of defence a
 processor masks anything shaped like an identity number in every field, and exceptions are
 logged as class name and location only: an exception's text (a database error quotes its
-parameters) may hold patient data.
+parameters) may hold patient data. A database error adds what the server said, cut down to
+what holds none: its SQLSTATE, the constraint and table it names, and its primary message with
+every quoted value but the schema's own names masked. Never its DETAIL line, which quotes rows
+(``Key (x)=(19121212-1212) already exists``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -47,15 +52,72 @@ def redact_processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> di
 
 
 def error_fields(exc: BaseException) -> dict[str, str]:
-    """Describe an exception without its text: class, cause class, and where it was raised."""
+    """Describe an exception without its text: class, cause class, and where it was raised;
+    for a database error also :func:`database_fields`."""
     fields = {"error": type(exc).__name__}
     cause = exc.__cause__ or getattr(exc, "orig", None)
     if cause is not None:
         fields["cause"] = type(cause).__name__
+    fields.update(database_fields(exc))
     tb = traceback.extract_tb(exc.__traceback__)
     if tb:
         frame = tb[-1]
         fields["at"] = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} in {frame.name}"
+    return fields
+
+
+# A quoted token in a server message: an identifier ("deliveries") or a value ("Tolvan").
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
+@functools.cache
+def _schema_names() -> frozenset[str]:
+    from gateway.store.tables import metadata  # late: the store imports this module's users
+
+    names = set()
+    for table in metadata.tables.values():
+        names.add(table.name)
+        names.update(c.name for c in table.columns)
+        names.update(str(c.name) for c in table.constraints if c.name)
+        names.update(str(i.name) for i in table.indexes if i.name)
+    return frozenset(names)
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything behind it: SQLAlchemy's ``orig``, causes and contexts."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        yield err
+        stack += [err.__context__, err.__cause__, getattr(err, "orig", None)]
+
+
+def _server_error(exc: BaseException) -> Any:
+    """asyncpg's own error behind ``exc`` (message, constraint_name, table_name), if any."""
+    for err in exception_chain(exc):
+        if getattr(err, "sqlstate", None) and getattr(err, "message", None) is not None:
+            return err
+    return None
+
+
+def database_fields(exc: BaseException) -> dict[str, str]:
+    """What PostgreSQL said about ``exc``, without patient data (see the module docstring)."""
+    err = _server_error(exc)
+    if err is None:
+        return {}
+    names = _schema_names()
+    message = _QUOTED.sub(
+        lambda m: m.group(0) if m.group(1) in names else '"?"', str(getattr(err, "message", ""))
+    )
+    fields = {"sqlstate": str(err.sqlstate), "db_message": redact_identity_numbers(message)}
+    for attr, name in (("constraint_name", "constraint"), ("table_name", "table")):
+        value = getattr(err, attr, None)
+        if value:
+            fields[name] = value if value in names else "?"
     return fields
 
 

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api import (
@@ -26,8 +27,10 @@ from gateway.api.limits import DEFAULT_MAX_BODY_BYTES, InputLimits, refusal
 from gateway.bus.keys import PatientKeyer
 from gateway.logs import error_fields
 from gateway.store.db import Database
+from gateway.store.retry import is_retryable
 
 log = structlog.get_logger("brygga.api")
+RETRY_AFTER_SECONDS = 1
 
 DESCRIPTION = """
 Brygga moves discharge-coordination messages (LUS) between hospital, primary care and the
@@ -95,6 +98,19 @@ def create_app(
             where = ".".join(str(p) for p in parts if p != "body") or "body"
             return routes_consent.outcome(400, where, str(first["msg"]))
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(DBAPIError)
+    async def busy(request: Request, exc: DBAPIError) -> Response:
+        # A deadlock or serialization failure that outlived its retries: the transaction was
+        # rolled back whole, so the client may simply ask again. Anything else is a 500.
+        if not is_retryable(exc):
+            raise exc
+        log.warning("api.busy", path=request.url.path, **error_fields(exc))
+        answer = routes_consent.outcome(
+            503, request.url.path, "The database is busy; try again shortly.", "transient"
+        )
+        answer.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return answer
 
     @app.middleware("http")
     async def no_leaks(

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import audit
 from gateway.api.openapi import example
 from gateway.api.policy import Grant, allow
 from gateway.pipeline import inbox
 from gateway.pipeline.ledger import Actor
+from gateway.store.retry import in_transaction
 
 router = APIRouter(prefix="/api/v1/inbox", tags=["inbox"])
 Reader = Annotated[Grant, Depends(allow("inbox.read"))]
@@ -43,12 +45,16 @@ EXAMPLE_ITEM = {
 )
 async def list_inbox(request: Request, who: Reader) -> list[dict[str, Any]]:
     """Newest first. Patients with protected identity are listed without name or number."""
-    async with request.app.state.db.transaction() as conn:
+
+    async def listing(conn: AsyncConnection) -> list[tuple[str, dict[str, Any]]]:
         listed = await inbox.list_notices_keyed(conn, who.org)
         entries = [
             who.audit_entry("inbox.list", audit.PURPOSE_LUS, key, n["id"]) for key, n in listed
         ]
         await audit.record_many(conn, entries)
+        return listed
+
+    listed = await in_transaction(request.app.state.db, listing)
     return [notice for _, notice in listed]
 
 
@@ -63,13 +69,17 @@ async def list_inbox(request: Request, who: Reader) -> list[dict[str, Any]]:
 async def open_notice(request: Request, notice_id: str, who: Reader) -> dict[str, Any]:
     """Returns the notice with its FHIR message Bundle; the first opening is the *read* receipt."""
     actor = Actor(name=who.name, role=who.title or who.role, org=who.org)
-    async with request.app.state.db.transaction() as conn:
+
+    async def opening(conn: AsyncConnection) -> inbox.Notice | None:
         notice = await inbox.open_notice(conn, who.org, notice_id, actor)
         if notice is not None:
             entry = who.audit_entry(
                 "message.read", audit.PURPOSE_LUS, notice.patient_key, notice_id
             )
             await audit.record(conn, entry)
+        return notice
+
+    notice = await in_transaction(request.app.state.db, opening)
     if notice is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
     return {**notice.summary, "bundle": notice.bundle}

@@ -25,7 +25,9 @@ processes: on PostgreSQL an append first takes a transaction-level advisory lock
 (``pg_advisory_xact_lock(AUDIT_LOCK)``, held until the caller commits or rolls back), then
 reads the head; SQLite lets one writer at a time in (``BEGIN IMMEDIATE``, see
 ``gateway/store/db.py``). So the committed rows are always a gap-free prefix. The lock is held
-until commit: call ``record`` as the last step of a transaction.
+until commit: call ``record`` as the last step of a transaction, after every row lock it takes
+(the one lock order, docs/architecture.md "Locks": a transaction holding the chain that then
+waits for a row is how deadlocks happened). Collect several entries and append them once.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway import clock
+from gateway import audit, clock
+from gateway.audit import AuditEntry
 from gateway.bus import topics
 from gateway.bus.outbox import enqueue
 from gateway.bus.topics import Event
@@ -52,6 +53,7 @@ class ConsentStage(Stage):
         record = carried_consent(
             json.loads(row.canonical), event.message_id, row.received_at, row.episode_key
         )
+        entries: list[AuditEntry] = []  # recorded last: the chain's lock after the row locks
         if record is not None:
             await gate.store(
                 conn,
@@ -59,6 +61,7 @@ class ConsentStage(Stage):
                 patient_key=key,
                 source="message",
                 source_id=event.message_id,
+                audit_later=entries,
             )
         await conn.execute(
             update(messages)
@@ -66,6 +69,7 @@ class ConsentStage(Stage):
             .values(status="permitted", updated_at=clock.now())
         )
         await enqueue(conn, topics.EVENTS, key, permitted_event(event.message_id))
+        await audit.record_many(conn, entries)
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
         await park_message(conn, event.message_id)

@@ -137,8 +137,8 @@ class DeliverStage(Stage):
             conn, row.patient_key, row.episode_key, Recipient(row.recipient_hsa_id, row.role)
         )
         if decision.outcome is Outcome.DENY:
-            await gate.apply(conn, decision, event.delivery_id, event.message_id, key)
             await _schedule(conn, event.delivery_id, None, attempt)
+            await gate.apply(conn, decision, event.delivery_id, event.message_id, key)  # last
             return
         channel = self.channels.get(row.channel)
         if channel is None:

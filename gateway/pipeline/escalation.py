@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -112,8 +113,9 @@ class Escalator:
             step = self.chain[level]
             level += 1
             target = self._target(step, late)
-            if target and await self._send(conn, late, target, now):
-                await self._step_done(conn, late, level, step, target, now)
+            later: list[AuditEntry] = []  # the gate's entry, recorded with the step's, last
+            if target and await self._send(conn, late, target, now, later):
+                await self._step_done(conn, late, level, step, target, now, later)
                 return
         await self._step_done(conn, late, level, "", "", now)  # nobody left to tell
 
@@ -127,7 +129,14 @@ class Escalator:
         town = late.directory.municipality(late.recipient.municipality)
         return town.mas if town else ""
 
-    async def _send(self, conn: AsyncConnection, late: Late, target: str, now: datetime) -> bool:
+    async def _send(
+        self,
+        conn: AsyncConnection,
+        late: Late,
+        target: str,
+        now: datetime,
+        audit_later: list[AuditEntry],
+    ) -> bool:
         """A delivery of the message to ``target``; False if it already has one."""
         if target == late.recipient_hsa_id:
             return False
@@ -172,7 +181,9 @@ class Escalator:
         decision = await gate.decide_for(
             conn, late.patient_key, late.episode_key, Recipient(target, late.role), now
         )
-        await gate.apply(conn, decision, escalation_id, late.message_id, late.patient_key)
+        await gate.apply(
+            conn, decision, escalation_id, late.message_id, late.patient_key, audit_later
+        )
         return True
 
     async def _step_done(
@@ -183,6 +194,7 @@ class Escalator:
         step: str,
         target: str,
         now: datetime,
+        audit_earlier: Sequence[AuditEntry] = (),
     ) -> None:
         await conn.execute(
             update(deliveries).where(deliveries.c.id == late.id).values(escalation_level=level)
@@ -195,18 +207,21 @@ class Escalator:
             else "Ingen att eskalera till: se avvikelsen"
         )
         await record_attempt(conn, late.id, "", level, "escalated", detail, now)
-        await audit.record(
+        await audit.record_many(  # last in the transaction: the chain's lock
             conn,
-            AuditEntry(
-                actor="followup",
-                actor_org="",
-                role=audit.SYSTEM_ROLE,
-                action="delivery.escalated",
-                purpose=audit.PURPOSE_LUS,
-                patient_key=late.patient_key,
-                subject=late.id,
-                detail=f"nivå {level}: {step or '-'} {target}",
-            ),
+            [
+                *audit_earlier,
+                AuditEntry(
+                    actor="followup",
+                    actor_org="",
+                    role=audit.SYSTEM_ROLE,
+                    action="delivery.escalated",
+                    purpose=audit.PURPOSE_LUS,
+                    patient_key=late.patient_key,
+                    subject=late.id,
+                    detail=f"nivå {level}: {step or '-'} {target}",
+                ),
+            ],
         )
 
     async def _raise_deviation(self, conn: AsyncConnection, late: Late, now: datetime) -> None:

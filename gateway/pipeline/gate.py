@@ -32,6 +32,7 @@ from gateway.model.consent import ConsentRecord, Decision, Outcome, Recipient, d
 from gateway.model.consent import to_fhir as consent_to_fhir
 from gateway.pipeline import ledger
 from gateway.pipeline.ledger import State
+from gateway.store.sql import lock_rows
 from gateway.store.tables import consents, deliveries, messages
 
 log = structlog.get_logger("brygga.gate")
@@ -76,9 +77,11 @@ async def apply(
     delivery_id: str,
     message_id: str,
     patient_key: str,
+    audit_later: list[AuditEntry] | None = None,
 ) -> None:
     """Record the decision in the ledger and the audit trail; a permit also asks the delivery
-    stage to deliver."""
+    stage to deliver. With ``audit_later`` the audit entry is appended there instead, for the
+    caller to record once, last in its transaction (the chain's lock is taken last)."""
     log.info(
         "gate.decision",
         delivery_id=delivery_id,
@@ -100,20 +103,21 @@ async def apply(
             detail=f"{decision.reason} (regel: {decision.rule})",
         )
     consent = f", samtycke {decision.consent_id}" if decision.consent_id else ""
-    await audit.record(
-        conn,
-        AuditEntry(
-            actor="gate",
-            actor_org="",
-            role=audit.SYSTEM_ROLE,
-            action="gate.decision",
-            purpose=audit.PURPOSE_LUS,
-            patient_key=patient_key,
-            subject=delivery_id,
-            outcome=decision.outcome.value,
-            detail=f"regel {decision.rule}{consent}",
-        ),
+    entry = AuditEntry(
+        actor="gate",
+        actor_org="",
+        role=audit.SYSTEM_ROLE,
+        action="gate.decision",
+        purpose=audit.PURPOSE_LUS,
+        patient_key=patient_key,
+        subject=delivery_id,
+        outcome=decision.outcome.value,
+        detail=f"regel {decision.rule}{consent}",
     )
+    if audit_later is None:
+        await audit.record(conn, entry)
+    else:
+        audit_later.append(entry)
 
 
 async def store(
@@ -123,8 +127,10 @@ async def store(
     patient_key: str,
     source: str,
     source_id: str,
+    audit_later: list[AuditEntry] | None = None,
 ) -> StoredConsent:
-    """Insert or replace a consent record (a new version), then release what it decides."""
+    """Insert or replace a consent record (a new version), then release what it decides.
+    ``audit_later``: as for :func:`apply`."""
     now = clock.now()
     version = (
         await conn.execute(select(consents.c.version).where(consents.c.id == record.id))
@@ -155,12 +161,15 @@ async def store(
         await conn.execute(
             update(consents).where(consents.c.id == record.id).values(version=version, **values)
         )
-    await release(conn, patient_key)
+    await release(conn, patient_key, audit_later)
     return StoredConsent(record, version, patient_key)
 
 
-async def release(conn: AsyncConnection, patient_key: str) -> None:
-    """Decide again for the patient's held deliveries."""
+async def release(
+    conn: AsyncConnection, patient_key: str, audit_later: list[AuditEntry] | None = None
+) -> None:
+    """Decide again for the patient's held deliveries. The gate's audit entries go to
+    ``audit_later`` if given, else they are recorded last."""
     held = (
         await conn.execute(
             select(
@@ -175,24 +184,32 @@ async def release(conn: AsyncConnection, patient_key: str) -> None:
             .order_by(messages.c.received_at, deliveries.c.created_at)
         )
     ).all()
+    # Row locks in one order everywhere: the deliveries (by id) before their messages.
+    await lock_rows(conn, deliveries, [d.id for d in held])
     if not held:
         return
     records = await records_for(conn, patient_key)
     now = clock.now()
     released: set[str] = set()
+    entries: list[AuditEntry] = []
     for d in held:
         decision = decide(
             records, Recipient(d.recipient_hsa_id, d.role), PURPOSE, now, d.episode_key
         )
         if decision.outcome is not Outcome.HOLD:
-            await apply(conn, decision, d.id, d.message_id, patient_key)
+            await apply(conn, decision, d.id, d.message_id, patient_key, entries)
             released.add(d.message_id)
     if released:
+        await lock_rows(conn, messages, released)
         await conn.execute(
             update(messages)
             .where(messages.c.id.in_(released), messages.c.status == "held")
             .values(status="routed", updated_at=now)
         )
+    if audit_later is None:
+        await audit.record_many(conn, entries)
+    else:
+        audit_later.extend(entries)
 
 
 async def load(conn: AsyncConnection, consent_id: str) -> StoredConsent | None:

@@ -19,7 +19,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway import clock
+from gateway import audit, clock
+from gateway.audit import AuditEntry
 from gateway.bus import topics
 from gateway.bus.keys import PatientKeyer
 from gateway.bus.topics import Event
@@ -36,6 +37,7 @@ from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
 from gateway.pipeline.ledger import State
 from gateway.pipeline.stage import Stage
 from gateway.store.db import Database
+from gateway.store.sql import lock_rows
 from gateway.store.tables import consents, deliveries, messages
 
 
@@ -167,6 +169,7 @@ class RouteStage(Stage):
         now = clock.now()
         records = await gate.records_for(conn, key)
         outcomes: dict[Outcome, str] = {}  # each outcome with the first reason given for it
+        entries: list[AuditEntry] = []  # the gate's decisions, recorded last (the chain's lock)
         for recipient in recipients.values():
             decision = decide(
                 records,
@@ -186,6 +189,7 @@ class RouteStage(Stage):
                 decision,
                 view,
                 directory,
+                entries,
             )
         status, reason = _status(outcomes, bool(recipients))
         summary = _summary(outcomes)
@@ -201,6 +205,7 @@ class RouteStage(Stage):
             )
         )
         await announce_status(conn, key, event.message_id, status, reason)
+        await audit.record_many(conn, entries)
 
     async def _with_relations(
         self,
@@ -289,6 +294,7 @@ class RouteStage(Stage):
         if not earlier:
             return recipients
         marker = "retracted_by" if event.retracts else "superseded_by"
+        await lock_rows(conn, deliveries, [d.id for d in earlier])
         await conn.execute(
             update(deliveries)
             .where(deliveries.c.id.in_([d.id for d in earlier]), deliveries.c[marker].is_(None))
@@ -358,6 +364,7 @@ class RouteStage(Stage):
         decision: Decision,
         view: BundleView,
         directory: Directory,
+        audit_later: list[AuditEntry],
     ) -> None:
         protected_identity = view.protected_identity
         org = directory.get(recipient.hsa_id)
@@ -405,7 +412,7 @@ class RouteStage(Stage):
             )
             await _check_at(conn, delivery_id, now)  # a failed delivery escalates at once
             return
-        await gate.apply(conn, decision, delivery_id, message_id, key)
+        await gate.apply(conn, decision, delivery_id, message_id, key, audit_later)
         if decision.outcome is Outcome.HOLD and due_at is not None:
             await _check_at(conn, delivery_id, due_at)  # held past its deadline: escalate
 

@@ -28,6 +28,7 @@ from gateway.crypto.columns import FieldCipher
 from gateway.crypto.envelope import DecryptionError
 from gateway.logs import error_fields
 from gateway.store.db import Database
+from gateway.store.retry import in_transaction
 from gateway.store.sql import insert_ignore
 from gateway.store.tables import processed_events
 
@@ -157,29 +158,39 @@ class StageRunner:
                 await asyncio.sleep(1.0)
 
     async def _handle_once(self, event: Event, key: str) -> None:
-        async with self.stage.db.transaction() as conn:
-            if not await self._claim(conn, event):
-                return
-            await self.stage.handle(conn, event, key)
+        """One attempt; a deadlock or serialization failure is retried here, at once, and
+        does not count towards parking (the transaction was rolled back whole)."""
+
+        async def handle(conn: AsyncConnection) -> None:
+            if await self._claim(conn, event):
+                await self.stage.handle(conn, event, key)
+
+        await in_transaction(self.stage.db, handle)
 
     async def _park(self, event: Event, key: str, error: str) -> None:
-        async with self.stage.db.transaction() as conn:
-            if not await self._claim(conn, event):
-                return
-            await self.stage.park(conn, event, key, error)
-            await enqueue(
-                conn,
-                topics.DEADLETTER,
-                key,
-                Event(
-                    id=f"parked:{self.stage.name}:{event.id}",
-                    type="event.parked",
-                    message_id=event.message_id,
-                    delivery_id=event.delivery_id,
-                    data={"stage": self.stage.name, "event_id": event.id, "error": error},
-                ),
-            )
-        log.error("stage.parked", stage=self.stage.name, event_id=event.id, error=error)
+        parked = await in_transaction(
+            self.stage.db, lambda conn: self._park_in(conn, event, key, error)
+        )
+        if parked:
+            log.error("stage.parked", stage=self.stage.name, event_id=event.id, error=error)
+
+    async def _park_in(self, conn: AsyncConnection, event: Event, key: str, error: str) -> bool:
+        if not await self._claim(conn, event):
+            return False
+        await self.stage.park(conn, event, key, error)
+        await enqueue(
+            conn,
+            topics.DEADLETTER,
+            key,
+            Event(
+                id=f"parked:{self.stage.name}:{event.id}",
+                type="event.parked",
+                message_id=event.message_id,
+                delivery_id=event.delivery_id,
+                data={"stage": self.stage.name, "event_id": event.id, "error": error},
+            ),
+        )
+        return True
 
     async def _claim(self, conn: AsyncConnection, event: Event) -> bool:
         return await insert_ignore(

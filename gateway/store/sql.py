@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -21,3 +22,18 @@ async def insert_ignore(conn: AsyncConnection, table: Table, values: dict[str, A
     stmt = dialect.insert(table).values(**seal_row(table, values)).on_conflict_do_nothing()
     result = await conn.execute(stmt)
     return bool(result.rowcount)
+
+
+async def lock_rows(conn: AsyncConnection, table: Table, ids: Iterable[Any]) -> None:
+    """Lock ``table``'s rows ``ids`` for this transaction, in primary-key order.
+
+    The one order of row locks (see docs/architecture.md, "Locks"): two transactions that
+    lock some of the same rows take them in the same order, so one waits for the other
+    instead of both waiting for each other. SQLite: nothing to do (one writer at a time).
+    """
+    wanted = sorted(set(ids))
+    if not wanted or conn.dialect.name != "postgresql":
+        return
+    await conn.execute(
+        select(table.c.id).where(table.c.id.in_(wanted)).order_by(table.c.id).with_for_update()
+    )

@@ -61,6 +61,16 @@ metadata = MetaData(
     }
 )
 
+
+def _republish_columns() -> list[Column[Any]]:
+    """The reconciler's memory (gateway/pipeline/reconciler.py): when it last republished the
+    row's next event, and until when that event counts as in flight."""
+    return [
+        Column("republished_at", UtcDateTime, nullable=True, comment="reconciler: last time"),
+        Column("republish_after", UtcDateTime, nullable=True, comment="reconciler: in flight"),
+    ]
+
+
 messages = Table(
     "messages",
     metadata,
@@ -84,6 +94,7 @@ messages = Table(
     Column("occurred_at", UtcDateTime, nullable=True, comment="when the event happened (routing)"),
     Column("received_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    *_republish_columns(),
     UniqueConstraint("source", "control_id"),
     Index(None, "status", "updated_at"),
     Index(None, "patient_key"),
@@ -116,6 +127,7 @@ deliveries = Table(
     Column("escalation_level", Integer, nullable=False, default=0),
     Column("escalated_from", String(36), nullable=True, comment="the delivery it escalates"),
     Column("withheld", String(200), nullable=True, comment="contents not for this recipient"),
+    *_republish_columns(),
     UniqueConstraint("message_id", "recipient_hsa_id"),
     Index(None, "recipient_hsa_id", "channel", "state"),
     Index(None, "state", "updated_at"),
