@@ -27,7 +27,7 @@ from gateway.api.limits import DEFAULT_MAX_BODY_BYTES, InputLimits, refusal
 from gateway.bus.keys import PatientKeyer
 from gateway.logs import error_fields
 from gateway.store.db import Database
-from gateway.store.retry import is_retryable
+from gateway.store.retry import is_retryable, is_unavailable
 
 log = structlog.get_logger("brygga.api")
 RETRY_AFTER_SECONDS = 1
@@ -102,13 +102,16 @@ def create_app(
     @app.exception_handler(DBAPIError)
     async def busy(request: Request, exc: DBAPIError) -> Response:
         # A deadlock or serialization failure that outlived its retries: the transaction was
-        # rolled back whole, so the client may simply ask again. Anything else is a 500.
-        if not is_retryable(exc):
+        # rolled back whole, so the client may simply ask again; likewise a database that is
+        # away for a moment (a restart). Anything else is a 500.
+        if is_retryable(exc):
+            text = "The database is busy; try again shortly."
+        elif is_unavailable(exc):
+            text = "The database cannot be reached; try again shortly."
+        else:
             raise exc
         log.warning("api.busy", path=request.url.path, **error_fields(exc))
-        answer = routes_consent.outcome(
-            503, request.url.path, "The database is busy; try again shortly.", "transient"
-        )
+        answer = routes_consent.outcome(503, request.url.path, text, "transient")
         answer.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return answer
 

@@ -4,8 +4,9 @@ Each record is handled in one database transaction that first claims the event i
 ``processed_events``; a duplicate (redelivery, republish by the reconciler) claims nothing
 and does nothing. Offsets are committed only after the transaction: a crash replays, the
 claim absorbs it. A handler that keeps failing parks the event on ``brygga.deadletter`` so
-its partition moves on; if even parking fails (the database is away) the stage waits and
-retries the same record rather than skip it.
+its partition moves on. A database that is away (restarting, unreachable) is no fault of the
+event: the stage waits for it and tries the same record again, counting no attempt; if even
+parking fails the stage likewise waits and retries rather than skip it.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from gateway.crypto.columns import FieldCipher
 from gateway.crypto.envelope import DecryptionError
 from gateway.logs import error_fields
 from gateway.store.db import Database
-from gateway.store.retry import in_transaction
+from gateway.store.retry import in_transaction, is_unavailable
 from gateway.store.sql import insert_ignore
 from gateway.store.tables import processed_events
 
 log = structlog.get_logger("brygga.stage")
 STOP_TIMEOUT = 5.0
+UNAVAILABLE_FIRST_WAIT = 0.2  # seconds; doubled while the database stays away
+UNAVAILABLE_MAX_WAIT = 5.0
 
 
 class Stage(ABC):
@@ -128,25 +131,11 @@ class StageRunner:
             return
         if event.type not in self.stage.handles:
             return
-        backoff = 0.1
         while True:
-            for attempt in range(1, self.max_attempts + 1):
-                try:
-                    await self._handle_once(event, key)
-                    self.handled += 1
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning(
-                        "stage.attempt_failed",
-                        stage=self.stage.name,
-                        event_id=event.id,
-                        attempt=attempt,
-                        **error_fields(exc),
-                    )
-                    last = exc
-                    await asyncio.sleep(backoff * attempt)
+            last = await self._attempts(event, key)
+            if last is None:
+                self.handled += 1
+                return
             try:
                 await self._park(event, key, type(last).__name__)
                 return
@@ -154,8 +143,43 @@ class StageRunner:
                 raise
             except Exception as exc:
                 log.error("stage.park_failed", stage=self.stage.name, **error_fields(exc))
-                backoff = min(backoff * 2, 2.0)
                 await asyncio.sleep(1.0)
+
+    async def _attempts(self, event: Event, key: str) -> Exception | None:
+        """Handle ``event``; None when done, else the last of ``max_attempts`` failures.
+
+        A database that is away (restarting, unreachable) is not the event's fault: the stage
+        waits for it, with growing pauses, as long as it takes, and counts no attempt."""
+        attempt, away_wait = 0, UNAVAILABLE_FIRST_WAIT
+        while True:
+            try:
+                await self._handle_once(event, key)
+                return None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if is_unavailable(exc):
+                    log.warning(
+                        "stage.database_unavailable",
+                        stage=self.stage.name,
+                        event_id=event.id,
+                        wait_s=away_wait,
+                        **error_fields(exc),
+                    )
+                    await asyncio.sleep(away_wait)
+                    away_wait = min(away_wait * 2, UNAVAILABLE_MAX_WAIT)
+                    continue
+                attempt += 1
+                log.warning(
+                    "stage.attempt_failed",
+                    stage=self.stage.name,
+                    event_id=event.id,
+                    attempt=attempt,
+                    **error_fields(exc),
+                )
+                if attempt >= self.max_attempts:
+                    return exc
+                await asyncio.sleep(0.1 * attempt)
 
     async def _handle_once(self, event: Event, key: str) -> None:
         """One attempt; a deadlock or serialization failure is retried here, at once, and

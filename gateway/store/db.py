@@ -61,6 +61,10 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_recycle=1800)
 
 
+class DatabaseUnavailable(Exception):
+    """No connection to the database could be made (it is restarting, or unreachable)."""
+
+
 class Database:
     """Owns the engine. ``transaction()`` is the unit of work of every stage.
 
@@ -80,10 +84,20 @@ class Database:
     def on_commit(self, callback: Callable[[], None]) -> None:
         self._after_commit.append(callback)
 
+    async def _connect(self) -> AsyncConnection:
+        try:
+            return await self.engine.connect()
+        except (OSError, TimeoutError) as exc:  # refused, unreachable, connect timeout
+            raise DatabaseUnavailable("the database cannot be reached") from exc
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.begin() as conn:
-            yield conn
+        conn = await self._connect()
+        try:
+            async with conn.begin():
+                yield conn
+        finally:
+            await conn.close()
         self.committed()
 
     def committed(self) -> None:
@@ -93,8 +107,11 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as conn:
+        conn = await self._connect()
+        try:
             yield conn
+        finally:
+            await conn.close()
 
     async def close(self) -> None:
         await self.engine.dispose()

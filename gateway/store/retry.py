@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.logs import error_fields, exception_chain
-from gateway.store.db import Database
+from gateway.store.db import Database, DatabaseUnavailable
 
 log = structlog.get_logger("brygga.store")
 T = TypeVar("T")
@@ -34,6 +34,27 @@ def sqlstate(exc: BaseException) -> str | None:
         if isinstance(code, str) and code:
             return code
     return None
+
+
+# Connection exceptions (class 08) and the server shutting down or starting up (57P01-57P03).
+UNAVAILABLE_CLASSES = ("08",)
+UNAVAILABLE = frozenset({"57P01", "57P02", "57P03"})
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database could not be reached or went away mid-transaction (a restart, a network
+    drop): nothing is wrong with the work itself, so it must wait, not count as a failure."""
+    code = sqlstate(exc)
+    if code is not None and (code in UNAVAILABLE or code.startswith(UNAVAILABLE_CLASSES)):
+        return True
+    for err in exception_chain(exc):
+        if isinstance(err, DatabaseUnavailable):
+            return True
+        if getattr(err, "connection_invalidated", False):  # SQLAlchemy saw a disconnect
+            return True
+        if type(err).__name__ == "ConnectionDoesNotExistError":
+            return True  # asyncpg: the connection closed under a query
+    return False
 
 
 def is_retryable(exc: BaseException) -> bool:

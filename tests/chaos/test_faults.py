@@ -191,12 +191,6 @@ def test_gateway_sigkill_twice(run: Callable[..., Run], broker: AnyBroker) -> No
 
 
 @ON_BOTH_BROKERS
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug: a stage counts database connection errors during a restart as handler "
-    "failures, so 3 quick attempts can park a message (stored, ACKed, never delivered); "
-    "see docs/reliability.md",
-)
 def test_postgresql_restart(run: Callable[..., Run], broker: AnyBroker) -> None:
     cluster = postgres.cluster()
     if cluster is None:
