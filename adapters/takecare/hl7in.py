@@ -66,6 +66,7 @@ __all__ = [
     "load_mapping",
     "parse",
     "present_fields",
+    "read_header",
 ]
 
 log = structlog.get_logger(__name__)
@@ -192,6 +193,9 @@ class _Enc:
     codec: str = "utf-8"
 
 
+_SIMPLE = {"F": "field", "S": "comp", "R": "rep", "T": "sub", "E": "esc"}
+
+
 def _unescape(value: str, enc: _Enc, br: str = " ") -> str:
     """HL7 escape sequences (2.7 in chapter 2); ``br`` replaces the line-break formatting
     commands (a space in names, a newline in document text)."""
@@ -211,9 +215,8 @@ def _unescape(value: str, enc: _Enc, br: str = " ") -> str:
             out.append(value[j:])
             break
         seq, i = value[j + 1 : k], k + 1
-        simple = {"F": enc.field, "S": enc.comp, "R": enc.rep, "T": enc.sub, "E": esc}
-        if seq in simple:
-            out.append(simple[seq])
+        if seq in _SIMPLE:
+            out.append(getattr(enc, _SIMPLE[seq]))
         elif seq[:1] == "X" and len(seq) % 2 == 1:
             with contextlib.suppress(ValueError):  # not hex: dropped like unknown escapes
                 out.append(bytes.fromhex(seq[1:]).decode(enc.codec, "replace"))
@@ -223,22 +226,47 @@ def _unescape(value: str, enc: _Enc, br: str = " ") -> str:
     return "".join(out)
 
 
+MAX_REPETITIONS = 100
+"""More repetitions of one field than any real message has (PID-3 carries a handful)."""
+MAX_SEGMENTS = 5000
+"""More segments than any real message has (a long MDM text is a few hundred OBX)."""
+
+
+def _check_repetitions(fields: list[str], sequence: int, rep: str) -> None:
+    """Refuse a field with more than MAX_REPETITIONS repetitions, naming it."""
+    for num, value in enumerate(fields[1:], 1):
+        if value.count(rep) >= MAX_REPETITIONS:
+            raise _ae(
+                fields[0],
+                num,
+                102,
+                f"{fields[0]}-{num}: more than {MAX_REPETITIONS} repetitions",
+                sequence=sequence,
+            )
+
+
 class _Msg:
     """Segment index and typed field access over one message, split lazily.
 
     A segment is its line split on the field separator; repetitions, components and
-    subcomponents are split only when a field is read, which is most of the speed.
+    subcomponents are split only when a field is read, which is most of the speed. A
+    field's repetitions are split once and kept, so reading every repetition is linear
+    in the field's length (splitting again per repetition made it quadratic).
     """
 
-    __slots__ = ("enc", "segs")
+    __slots__ = ("_reps", "enc", "segs")
 
     def __init__(self, lines: list[str], enc: _Enc) -> None:
         self.enc = enc
+        self._reps: dict[tuple[int, int], list[str]] = {}
         segs: dict[str, list[list[str]]] = {}
         sep = enc.field
         for line in lines:
             fields = line.split(sep)
-            segs.setdefault(fields[0], []).append(fields)
+            found = segs.setdefault(fields[0], [])
+            found.append(fields)
+            if line.count(enc.rep) >= MAX_REPETITIONS:
+                _check_repetitions(fields, len(found), enc.rep)
         self.segs = segs
 
     def first(self, name: str) -> list[str] | None:
@@ -256,7 +284,10 @@ class _Msg:
             return ""
         value = seg[field]
         if value and (rep > 1 or self.enc.rep in value):
-            parts = value.split(self.enc.rep)
+            key = (id(seg), field)
+            parts = self._reps.get(key)
+            if parts is None:
+                parts = self._reps[key] = value.split(self.enc.rep)
             return parts[rep - 1] if rep <= len(parts) else ""
         return value if rep == 1 else ""
 
@@ -448,7 +479,15 @@ def _is_segment_id(line: str, sep: str) -> bool:
 def _check_segments(lines: list[str], sep: str) -> None:
     counts: dict[str, int] = {}
     prev = "MSH"
-    for line in lines[1:]:
+    for index, line in enumerate(lines[1:], 2):
+        if index > MAX_SEGMENTS:
+            raise _ae(
+                prev,
+                None,
+                100,
+                f"more than {MAX_SEGMENTS} segments in one message",
+                sequence=counts.get(prev, 1),
+            )
         if not _is_segment_id(line, sep):
             raise _ae(
                 prev,
@@ -532,6 +571,17 @@ def parse(raw: bytes, *, mapping: TakeCareMapping = MAPPING) -> Inbound:
             header=header,
         )
         raise rejection from None
+
+
+def read_header(raw: bytes) -> MshHeader:
+    """What MSH says, from the first bytes of a message (even one refused unread, e.g. for
+    its size), so the refusal can be addressed; EMPTY_HEADER when there is no MSH."""
+    try:
+        text, codec, charset = _decode(raw, MAPPING)
+        fields = _field_list(_split_segments(text)[0])
+        return _read_header(fields, _enc_of(fields, codec or "utf-8"), charset)
+    except (Hl7Rejection, IndexError):
+        return EMPTY_HEADER
 
 
 def present_fields(
