@@ -193,37 +193,36 @@ class _Enc:
     codec: str = "utf-8"
 
 
-_SIMPLE = {"F": "field", "S": "comp", "R": "rep", "T": "sub", "E": "esc"}
-
-
 def _unescape(value: str, enc: _Enc, br: str = " ") -> str:
     """HL7 escape sequences (2.7 in chapter 2); ``br`` replaces the line-break formatting
-    commands (a space in names, a newline in document text)."""
+    commands (a space in names, a newline in document text).
+
+    One split on the escape character: text and sequences alternate, so the work is one
+    pass over the value with no Python-level scanning."""
     esc = enc.esc
     if esc not in value:
         return value
-    out: list[str] = []
-    i, n = 0, len(value)
-    while i < n:
-        j = value.find(esc, i)
-        if j < 0:
-            out.append(value[i:])
-            break
-        out.append(value[i:j])
-        k = value.find(esc, j + 1)
-        if k < 0:  # unterminated: keep literally
-            out.append(value[j:])
-            break
-        seq, i = value[j + 1 : k], k + 1
-        if seq in _SIMPLE:
-            out.append(getattr(enc, _SIMPLE[seq]))
-        elif seq[:1] == "X" and len(seq) % 2 == 1:
-            with contextlib.suppress(ValueError):  # not hex: dropped like unknown escapes
-                out.append(bytes.fromhex(seq[1:]).decode(enc.codec, "replace"))
-        elif seq in (".br", ".sp", ".ce"):
-            out.append(br)
-        # highlighting (H, N), other formatting and unknown sequences are dropped
-    return "".join(out)
+    parts = value.split(esc)
+    tail = ""
+    if len(parts) % 2 == 0:  # an unterminated sequence at the end: kept literally
+        tail = esc + parts.pop()
+    known = {"F": enc.field, "S": enc.comp, "R": enc.rep, "T": enc.sub, "E": esc}
+    known.update({".br": br, ".sp": br, ".ce": br})
+    out = parts[:]
+    for i in range(1, len(parts), 2):
+        seq = parts[i]
+        hit = known.get(seq)
+        out[i] = hit if hit is not None else _other_escape(seq, enc.codec)
+    return "".join(out) + tail
+
+
+def _other_escape(seq: str, codec: str) -> str:
+    """Hex data (Xhh...) decoded; highlighting (H, N), other formatting and unknown
+    sequences dropped."""
+    if seq[:1] == "X" and len(seq) % 2 == 1:
+        with contextlib.suppress(ValueError):  # not hex: dropped like unknown escapes
+            return bytes.fromhex(seq[1:]).decode(codec, "replace")
+    return ""
 
 
 MAX_REPETITIONS = 100
