@@ -11,14 +11,21 @@ from mappings import MAPPINGS_DIR
 from tests.fuzz.harness import hl7_one, mllp_one
 
 HERE = Path(__file__).parent
+
+
+def _found(target: str) -> list[Path]:
+    """What fuzz runs kept for ``target`` (crashers, hangs, hand-made seeds)."""
+    return [p for p in (HERE / "corpus" / target).iterdir() if not p.name.startswith(".")]
+
+
 HL7_INPUTS = sorted(
     [
         *(MAPPINGS_DIR / "takecare" / "golden").glob("*.hl7"),
         *(HERE.parent / "corpus" / "hl7v2").rglob("*.hl7"),
-        *(p for p in (HERE / "corpus" / "hl7").iterdir() if p.is_file() and not p.name.startswith(".")),
+        *_found("hl7"),
     ]
 )
-MLLP_INPUTS = sorted(p for p in (HERE / "corpus" / "mllp").iterdir() if p.is_file() and not p.name.startswith("."))
+MLLP_INPUTS = sorted(_found("mllp"))
 
 
 def test_the_corpus_is_there() -> None:
