@@ -728,3 +728,14 @@ def _field_value(segment: str, field: int) -> str:
     """The field as BASE has it (MSH aside)."""
     seg = next(s for s in BASE_SEGMENTS if s.startswith(segment + "|")).split("|")
     return seg[field] if field < len(seg) else ""
+
+
+def test_care_parties_are_capped_and_counted_in_linear_time() -> None:
+    rols = [f"ROL|{i}|AD|HEMTJANST^H^L|SE2120000829-H{i}^Unit" for i in range(4000)]
+    seconds, result = _timed(_msg(*BASE_SEGMENTS, *rols))
+    assert isinstance(result, Hl7Rejection) and seconds < 5
+    assert (result.ack_code, result.segment, result.hl7_error_code) == ("AE", "ROL", 100)
+    assert f"more than {hl7in.MAX_CARE_PARTIES} care parties" in result.text
+    within = _msg(*BASE_SEGMENTS, *rols[: hl7in.MAX_CARE_PARTIES - 2], rols[0])
+    parties = parse(within).canonical.care_parties
+    assert len(parties) == hl7in.MAX_CARE_PARTIES and len(set(parties)) == len(parties)

@@ -229,6 +229,8 @@ MAX_REPETITIONS = 100
 """More repetitions of one field than any real message has (PID-3 carries a handful)."""
 MAX_SEGMENTS = 5000
 """More segments than any real message has (a long MDM text is a few hundred OBX)."""
+MAX_CARE_PARTIES = 50
+"""More care parties (ROL) than any patient has; each becomes deliveries downstream."""
 
 
 def _check_repetitions(fields: list[str], sequence: int, rep: str) -> None:
@@ -739,7 +741,7 @@ def _listed_clinic(m: _Msg, pd1: list[str] | None, mapping: TakeCareMapping) -> 
 
 def _care_parties(m: _Msg, mapping: TakeCareMapping) -> list[CareParty]:
     """ROL segments whose ROL-3 role is a care-party role; others (clinicians) are ignored."""
-    parties: list[CareParty] = []
+    parties: dict[CareParty, None] = {}  # ordered, and membership in O(1)
     for seq, rol in enumerate(m.segs.get("ROL", ()), 1):
         role = mapping.roles.get(m.get(rol, 3).upper())
         if role is None or m.get(rol, 2).upper() == "DE":
@@ -764,10 +766,12 @@ def _care_parties(m: _Msg, mapping: TakeCareMapping) -> list[CareParty]:
                 sequence=seq,
                 component=1,
             )
-        party = CareParty(role, unit[0], m.get(rol, 4, 2, 1) or unit[1])
-        if party not in parties:
-            parties.append(party)
-    return parties
+        parties[CareParty(role, unit[0], m.get(rol, 4, 2, 1) or unit[1])] = None
+        if len(parties) > MAX_CARE_PARTIES:
+            raise _ae(
+                "ROL", None, 100, f"more than {MAX_CARE_PARTIES} care parties", sequence=seq
+            )
+    return list(parties)
 
 
 def _consent(m: _Msg, mapping: TakeCareMapping) -> ConsentBasis | None:
