@@ -165,6 +165,7 @@ Refusal = Callable[[bytes, str], bytes | None]
 
 MAX_PENDING = 64 * 1024 * 1024
 MAX_CONNECTIONS = 512
+REFUSAL_GRACE = 2.0  # seconds a refused sender gets to read its AR before the close
 
 
 async def serve(
@@ -243,9 +244,10 @@ async def serve(
             log.warning(f"mllp.frame_{reason}", peer=peer, limit=exc.limit, held=budget.held)
             answer = refuse(exc.head, reason) if refuse is not None else None
             if answer is not None:
-                with contextlib.suppress(ConnectionError):
+                with contextlib.suppress(ConnectionError, TimeoutError):
                     writer.write(frame(answer))
                     await writer.drain()
+                    await _discard(reader, REFUSAL_GRACE)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log.info("mllp.connection_lost", peer=peer, error=type(exc).__name__)
         except asyncio.CancelledError:
@@ -258,6 +260,14 @@ async def serve(
             await _close(writer)
 
     return await asyncio.start_server(connection, host, port, ssl=ssl)
+
+
+async def _discard(reader: asyncio.StreamReader, seconds: float) -> None:
+    """Read and drop what the sender still sends, for a while: closing with unread bytes
+    resets the connection, and a reset can destroy the refusal before the sender reads it."""
+    async with asyncio.timeout(seconds):
+        while await reader.read(_READ):
+            pass
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
