@@ -739,3 +739,13 @@ def test_care_parties_are_capped_and_counted_in_linear_time() -> None:
     within = _msg(*BASE_SEGMENTS, *rols[: hl7in.MAX_CARE_PARTIES - 2], rols[0])
     parties = parse(within).canonical.care_parties
     assert len(parties) == hl7in.MAX_CARE_PARTIES and len(set(parties)) == len(parties)
+
+
+def test_numbers_too_long_for_json_are_refused() -> None:
+    # Found by fuzzing: an 88-digit dose passed the mapper and failed in intake's JSON.
+    rxe = "RXE||N02BE01^Paracetamol^ATC|" + "1" * 16 + "||mg"
+    assert _reject(_msg(*BASE_SEGMENTS, rxe)).location == "RXE-3"
+    dg1 = "DG1|1||S72.0^Fraktur^ICD-10-SE|||F|||||||||" + "9" * 16
+    assert _reject(_msg(*BASE_SEGMENTS, dg1)).location == "DG1-15"
+    ok = parse(_msg(*BASE_SEGMENTS, rxe.replace("1" * 16, "1" * 15)))
+    assert ok.canonical.medications[0].dose == "1" * 15

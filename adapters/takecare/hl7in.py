@@ -229,6 +229,8 @@ MAX_REPETITIONS = 100
 """More repetitions of one field than any real message has (PID-3 carries a handful)."""
 MAX_SEGMENTS = 5000
 """More segments than any real message has (a long MDM text is a few hundred OBX)."""
+MAX_DIGITS = 15
+"""Digits in a number (a dose, a priority): what a double and a JSON number hold exactly."""
 MAX_CARE_PARTIES = 50
 """More care parties (ROL) than any patient has; each becomes deliveries downstream."""
 
@@ -827,7 +829,9 @@ def _diagnoses(m: _Msg, mapping: TakeCareMapping) -> list[Diagnosis]:
         if use is None:
             raise _ae("DG1", 6, 103, "DG1-6: diagnosis type not in HL7 table 0052", sequence=seq)
         rank_text = m.get(dg1, 15)
-        if rank_text and not (rank_text.isascii() and rank_text.isdigit() and int(rank_text)):
+        if rank_text and not (
+            rank_text.isascii() and rank_text.isdigit() and 0 < int(rank_text) < 10**MAX_DIGITS
+        ):
             raise _ae("DG1", 15, 102, "DG1-15: priority is not a positive number", sequence=seq)
         recorded = m.get(dg1, 5)
         out.append(
@@ -863,9 +867,16 @@ def _atc(m: _Msg, seg: list[str], name: str, seq: int, mapping: TakeCareMapping)
 
 
 def _decimal(m: _Msg, seg: list[str], name: str, field: int, seq: int) -> str:
+    """An NM of at most MAX_DIGITS digits: more is no dose, and cannot be a JSON number."""
     value = m.get(seg, field)
-    if value and not _DECIMAL.match(value):
-        raise _ae(name, field, 102, f"{name}-{field}: not a number", sequence=seq)
+    if value and not (_DECIMAL.match(value) and sum(c.isdigit() for c in value) <= MAX_DIGITS):
+        raise _ae(
+            name,
+            field,
+            102,
+            f"{name}-{field}: not a number of at most {MAX_DIGITS} digits",
+            sequence=seq,
+        )
     return value
 
 
