@@ -93,6 +93,33 @@ class Settings(BaseSettings):
     mllp_tls_client_ca: Path | None = Field(
         None, description="PEM CA bundle: when set, clients must present a certificate (mTLS)."
     )
+    mllp_max_frame: int = Field(
+        16 * 1024 * 1024, gt=0, description="Largest MLLP frame (bytes); larger ones get AR."
+    )
+    mllp_max_pending: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="Bytes all connections together may hold in unfinished frames; a frame "
+        "that would pass it is refused (AR) and its connection closed.",
+    )
+    mllp_idle_timeout: float = Field(
+        300, gt=0, description="Seconds a connection may stay silent before it is closed."
+    )
+    mllp_frame_timeout: float = Field(
+        60, gt=0, description="Seconds from a frame's first byte to its end before closing."
+    )
+    mllp_max_connections: int = Field(
+        512, gt=0, description="Concurrent MLLP connections; more are closed at once."
+    )
+    mllp_parse_inline_max: int = Field(
+        64 * 1024,
+        ge=0,
+        description="Messages larger than this (bytes) are parsed in a worker thread, off "
+        "the event loop.",
+    )
+    mllp_parse_timeout: float = Field(
+        10, gt=0, description="Seconds a message may take to parse and map before AR."
+    )
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     http_max_body_bytes: int = Field(

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import re
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -650,3 +652,100 @@ def test_ack_for_unsupported_charset_declares_what_it_uses() -> None:
     rej = _reject(_set_field("MSH", 18, "UNICODE UTF-16"))
     msh = build_ack(rej, "AR", ack_control_id="X", error=rej).decode().split("\r")[0]
     assert msh.endswith("|UNICODE UTF-8")
+
+
+# --------------------------------------------------------------------------- bounded work
+
+
+def _pid3_with(repetitions: int) -> bytes:
+    """The A01 with PID-3 holding ``repetitions`` identifiers (the Swedish one first)."""
+    extra = "~".join(f"X{i}^^^^MR" for i in range(repetitions - 1))
+    return _set_field("PID", 3, f"{PNR}^^^^PNR~{extra}" if extra else f"{PNR}^^^^PNR")
+
+
+def _timed(raw: bytes) -> tuple[float, Inbound | Hl7Rejection]:
+    began = time.perf_counter()
+    try:
+        result: Inbound | Hl7Rejection = parse(raw)
+    except Hl7Rejection as rej:
+        result = rej
+    return time.perf_counter() - began, result
+
+
+def test_50000_repetitions_of_pid3_are_refused_in_bounded_time() -> None:
+    # The quadratic parser took minutes here (4,000 repetitions: 2 s; 8,000: 9 s).
+    seconds, result = _timed(_pid3_with(50_000))
+    assert isinstance(result, Hl7Rejection)
+    assert (result.ack_code, result.location, result.hl7_error_code) == ("AE", "PID-3", 102)
+    assert "more than 100 repetitions" in result.text
+    assert seconds < 5
+
+
+def test_50000_repetitions_parse_in_bounded_time_without_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With the cap lifted the parser itself must still be linear: every repetition is read.
+    monkeypatch.setattr(hl7in, "MAX_REPETITIONS", 10**9)
+    seconds, result = _timed(_pid3_with(50_000))
+    assert isinstance(result, Inbound) and result.canonical.patient_ids[0].value == PNR
+    assert seconds < 5
+
+
+def test_too_many_segments_are_refused_naming_the_segment() -> None:
+    rol = "ROL|9|AD|AT^Attending^HL70443|SE2321000016-P123^Läkare^Lena"
+    seconds, result = _timed(_msg(*BASE_SEGMENTS, *[rol] * hl7in.MAX_SEGMENTS))
+    assert isinstance(result, Hl7Rejection)
+    assert (result.ack_code, result.segment, result.hl7_error_code) == ("AE", "ROL", 100)
+    assert f"more than {hl7in.MAX_SEGMENTS} segments" in result.text
+    assert seconds < 5
+
+
+def test_a_megabyte_of_noise_after_msh_is_rejected_quickly() -> None:
+    alphabet = b"|^~\\&\rA0 " * 29  # 261 bytes: any byte maps onto a delimiter-heavy mix
+    noise = random.Random(9).randbytes(1 << 20).translate(alphabet[:256])
+    for raw in (noise, BASE.encode()[:200] + noise, BASE.encode() + noise):
+        seconds, result = _timed(raw)
+        assert isinstance(result, Hl7Rejection) and result.hl7_error_code != 207
+        assert seconds < 5
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([3, 5, 11, 13]), st.integers(1, 3 * hl7in.MAX_REPETITIONS))
+def test_repetition_cap_names_the_field(field: int, repetitions: int) -> None:
+    value = "~".join([_field_value("PID", field)] * repetitions)
+    try:
+        parse(_set_field("PID", field, value))
+    except Hl7Rejection as rej:
+        if repetitions > hl7in.MAX_REPETITIONS:
+            assert (rej.location, rej.hl7_error_code) == (f"PID-{field}", 102)
+        else:
+            assert rej.hl7_error_code != 207 and "repetitions" not in rej.text
+        return
+    assert repetitions <= hl7in.MAX_REPETITIONS
+
+
+def _field_value(segment: str, field: int) -> str:
+    """The field as BASE has it (MSH aside)."""
+    seg = next(s for s in BASE_SEGMENTS if s.startswith(segment + "|")).split("|")
+    return seg[field] if field < len(seg) else ""
+
+
+def test_care_parties_are_capped_and_counted_in_linear_time() -> None:
+    rols = [f"ROL|{i}|AD|HEMTJANST^H^L|SE2120000829-H{i}^Unit" for i in range(4000)]
+    seconds, result = _timed(_msg(*BASE_SEGMENTS, *rols))
+    assert isinstance(result, Hl7Rejection) and seconds < 5
+    assert (result.ack_code, result.segment, result.hl7_error_code) == ("AE", "ROL", 100)
+    assert f"more than {hl7in.MAX_CARE_PARTIES} care parties" in result.text
+    within = _msg(*BASE_SEGMENTS, *rols[: hl7in.MAX_CARE_PARTIES - 2], rols[0])
+    parties = parse(within).canonical.care_parties
+    assert len(parties) == hl7in.MAX_CARE_PARTIES and len(set(parties)) == len(parties)
+
+
+def test_numbers_too_long_for_json_are_refused() -> None:
+    # Found by fuzzing: an 88-digit dose passed the mapper and failed in intake's JSON.
+    rxe = "RXE||N02BE01^Paracetamol^ATC|" + "1" * 16 + "||mg"
+    assert _reject(_msg(*BASE_SEGMENTS, rxe)).location == "RXE-3"
+    dg1 = "DG1|1||S72.0^Fraktur^ICD-10-SE|||F|||||||||" + "9" * 16
+    assert _reject(_msg(*BASE_SEGMENTS, dg1)).location == "DG1-15"
+    ok = parse(_msg(*BASE_SEGMENTS, rxe.replace("1" * 16, "1" * 15)))
+    assert ok.canonical.medications[0].dose == "1" * 15

@@ -66,6 +66,7 @@ __all__ = [
     "load_mapping",
     "parse",
     "present_fields",
+    "read_header",
 ]
 
 log = structlog.get_logger(__name__)
@@ -194,51 +195,81 @@ class _Enc:
 
 def _unescape(value: str, enc: _Enc, br: str = " ") -> str:
     """HL7 escape sequences (2.7 in chapter 2); ``br`` replaces the line-break formatting
-    commands (a space in names, a newline in document text)."""
+    commands (a space in names, a newline in document text).
+
+    One split on the escape character: text and sequences alternate, so the work is one
+    pass over the value with no Python-level scanning."""
     esc = enc.esc
     if esc not in value:
         return value
-    out: list[str] = []
-    i, n = 0, len(value)
-    while i < n:
-        j = value.find(esc, i)
-        if j < 0:
-            out.append(value[i:])
-            break
-        out.append(value[i:j])
-        k = value.find(esc, j + 1)
-        if k < 0:  # unterminated: keep literally
-            out.append(value[j:])
-            break
-        seq, i = value[j + 1 : k], k + 1
-        simple = {"F": enc.field, "S": enc.comp, "R": enc.rep, "T": enc.sub, "E": esc}
-        if seq in simple:
-            out.append(simple[seq])
-        elif seq[:1] == "X" and len(seq) % 2 == 1:
-            with contextlib.suppress(ValueError):  # not hex: dropped like unknown escapes
-                out.append(bytes.fromhex(seq[1:]).decode(enc.codec, "replace"))
-        elif seq in (".br", ".sp", ".ce"):
-            out.append(br)
-        # highlighting (H, N), other formatting and unknown sequences are dropped
-    return "".join(out)
+    parts = value.split(esc)
+    tail = ""
+    if len(parts) % 2 == 0:  # an unterminated sequence at the end: kept literally
+        tail = esc + parts.pop()
+    known = {"F": enc.field, "S": enc.comp, "R": enc.rep, "T": enc.sub, "E": esc}
+    known.update({".br": br, ".sp": br, ".ce": br})
+    out = parts[:]
+    for i in range(1, len(parts), 2):
+        seq = parts[i]
+        hit = known.get(seq)
+        out[i] = hit if hit is not None else _other_escape(seq, enc.codec)
+    return "".join(out) + tail
+
+
+def _other_escape(seq: str, codec: str) -> str:
+    """Hex data (Xhh...) decoded; highlighting (H, N), other formatting and unknown
+    sequences dropped."""
+    if seq[:1] == "X" and len(seq) % 2 == 1:
+        with contextlib.suppress(ValueError):  # not hex: dropped like unknown escapes
+            return bytes.fromhex(seq[1:]).decode(codec, "replace")
+    return ""
+
+
+MAX_REPETITIONS = 100
+"""More repetitions of one field than any real message has (PID-3 carries a handful)."""
+MAX_SEGMENTS = 5000
+"""More segments than any real message has (a long MDM text is a few hundred OBX)."""
+MAX_DIGITS = 15
+"""Digits in a number (a dose, a priority): what a double and a JSON number hold exactly."""
+MAX_CARE_PARTIES = 50
+"""More care parties (ROL) than any patient has; each becomes deliveries downstream."""
+
+
+def _check_repetitions(fields: list[str], sequence: int, rep: str) -> None:
+    """Refuse a field with more than MAX_REPETITIONS repetitions, naming it."""
+    for num, value in enumerate(fields[1:], 1):
+        if value.count(rep) >= MAX_REPETITIONS:
+            raise _ae(
+                fields[0],
+                num,
+                102,
+                f"{fields[0]}-{num}: more than {MAX_REPETITIONS} repetitions",
+                sequence=sequence,
+            )
 
 
 class _Msg:
     """Segment index and typed field access over one message, split lazily.
 
     A segment is its line split on the field separator; repetitions, components and
-    subcomponents are split only when a field is read, which is most of the speed.
+    subcomponents are split only when a field is read, which is most of the speed. A
+    field's repetitions are split once and kept, so reading every repetition is linear
+    in the field's length (splitting again per repetition made it quadratic).
     """
 
-    __slots__ = ("enc", "segs")
+    __slots__ = ("_reps", "enc", "segs")
 
     def __init__(self, lines: list[str], enc: _Enc) -> None:
         self.enc = enc
+        self._reps: dict[tuple[int, int], list[str]] = {}
         segs: dict[str, list[list[str]]] = {}
         sep = enc.field
         for line in lines:
             fields = line.split(sep)
-            segs.setdefault(fields[0], []).append(fields)
+            found = segs.setdefault(fields[0], [])
+            found.append(fields)
+            if line.count(enc.rep) >= MAX_REPETITIONS:
+                _check_repetitions(fields, len(found), enc.rep)
         self.segs = segs
 
     def first(self, name: str) -> list[str] | None:
@@ -256,7 +287,10 @@ class _Msg:
             return ""
         value = seg[field]
         if value and (rep > 1 or self.enc.rep in value):
-            parts = value.split(self.enc.rep)
+            key = (id(seg), field)
+            parts = self._reps.get(key)
+            if parts is None:
+                parts = self._reps[key] = value.split(self.enc.rep)
             return parts[rep - 1] if rep <= len(parts) else ""
         return value if rep == 1 else ""
 
@@ -448,7 +482,15 @@ def _is_segment_id(line: str, sep: str) -> bool:
 def _check_segments(lines: list[str], sep: str) -> None:
     counts: dict[str, int] = {}
     prev = "MSH"
-    for line in lines[1:]:
+    for index, line in enumerate(lines[1:], 2):
+        if index > MAX_SEGMENTS:
+            raise _ae(
+                prev,
+                None,
+                100,
+                f"more than {MAX_SEGMENTS} segments in one message",
+                sequence=counts.get(prev, 1),
+            )
         if not _is_segment_id(line, sep):
             raise _ae(
                 prev,
@@ -532,6 +574,17 @@ def parse(raw: bytes, *, mapping: TakeCareMapping = MAPPING) -> Inbound:
             header=header,
         )
         raise rejection from None
+
+
+def read_header(raw: bytes) -> MshHeader:
+    """What MSH says, from the first bytes of a message (even one refused unread, e.g. for
+    its size), so the refusal can be addressed; EMPTY_HEADER when there is no MSH."""
+    try:
+        text, codec, charset = _decode(raw, MAPPING)
+        fields = _field_list(_split_segments(text)[0])
+        return _read_header(fields, _enc_of(fields, codec or "utf-8"), charset)
+    except (Hl7Rejection, IndexError):
+        return EMPTY_HEADER
 
 
 def present_fields(
@@ -690,7 +743,7 @@ def _listed_clinic(m: _Msg, pd1: list[str] | None, mapping: TakeCareMapping) -> 
 
 def _care_parties(m: _Msg, mapping: TakeCareMapping) -> list[CareParty]:
     """ROL segments whose ROL-3 role is a care-party role; others (clinicians) are ignored."""
-    parties: list[CareParty] = []
+    parties: dict[CareParty, None] = {}  # ordered, and membership in O(1)
     for seq, rol in enumerate(m.segs.get("ROL", ()), 1):
         role = mapping.roles.get(m.get(rol, 3).upper())
         if role is None or m.get(rol, 2).upper() == "DE":
@@ -715,10 +768,12 @@ def _care_parties(m: _Msg, mapping: TakeCareMapping) -> list[CareParty]:
                 sequence=seq,
                 component=1,
             )
-        party = CareParty(role, unit[0], m.get(rol, 4, 2, 1) or unit[1])
-        if party not in parties:
-            parties.append(party)
-    return parties
+        parties[CareParty(role, unit[0], m.get(rol, 4, 2, 1) or unit[1])] = None
+        if len(parties) > MAX_CARE_PARTIES:
+            raise _ae(
+                "ROL", None, 100, f"more than {MAX_CARE_PARTIES} care parties", sequence=seq
+            )
+    return list(parties)
 
 
 def _consent(m: _Msg, mapping: TakeCareMapping) -> ConsentBasis | None:
@@ -774,7 +829,9 @@ def _diagnoses(m: _Msg, mapping: TakeCareMapping) -> list[Diagnosis]:
         if use is None:
             raise _ae("DG1", 6, 103, "DG1-6: diagnosis type not in HL7 table 0052", sequence=seq)
         rank_text = m.get(dg1, 15)
-        if rank_text and not (rank_text.isascii() and rank_text.isdigit() and int(rank_text)):
+        if rank_text and not (
+            rank_text.isascii() and rank_text.isdigit() and 0 < int(rank_text) < 10**MAX_DIGITS
+        ):
             raise _ae("DG1", 15, 102, "DG1-15: priority is not a positive number", sequence=seq)
         recorded = m.get(dg1, 5)
         out.append(
@@ -810,9 +867,16 @@ def _atc(m: _Msg, seg: list[str], name: str, seq: int, mapping: TakeCareMapping)
 
 
 def _decimal(m: _Msg, seg: list[str], name: str, field: int, seq: int) -> str:
+    """An NM of at most MAX_DIGITS digits: more is no dose, and cannot be a JSON number."""
     value = m.get(seg, field)
-    if value and not _DECIMAL.match(value):
-        raise _ae(name, field, 102, f"{name}-{field}: not a number", sequence=seq)
+    if value and not (_DECIMAL.match(value) and sum(c.isdigit() for c in value) <= MAX_DIGITS):
+        raise _ae(
+            name,
+            field,
+            102,
+            f"{name}-{field}: not a number of at most {MAX_DIGITS} digits",
+            sequence=seq,
+        )
     return value
 
 

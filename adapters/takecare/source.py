@@ -10,18 +10,39 @@ from __future__ import annotations
 import asyncio
 import ssl
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
 from adapters.takecare import mllp
 from adapters.takecare.ack import build_ack
-from adapters.takecare.hl7in import Hl7Rejection, MshHeader, parse
+from adapters.takecare.hl7in import Hl7Rejection, Inbound, MshHeader, parse, read_header
 from gateway.logs import error_fields
 from gateway.pipeline.intake import Intake
 from gateway.sources import SourceContext
 
 log = structlog.get_logger("brygga.takecare")
 SYSTEM_ERROR = "Message could not be stored; nothing was kept. Resend it."
+REFUSALS = {  # (HL7 table 0357 code, text) per reason mllp.serve refuses a frame
+    "too_large": (207, "Message larger than this gateway accepts; nothing was kept."),
+    "busy": (207, "Gateway busy with other large messages; nothing was kept. Resend later."),
+    "slow": (207, "Message took too long to read; nothing was kept."),
+}
+
+
+def refusal(head: bytes, reason: str) -> bytes | None:
+    """The AR for a frame refused unread (``head``: its first bytes); None without MSH."""
+    header = read_header(head)
+    if not header.control_id:
+        return None
+    code, text = REFUSALS[reason]
+    rejection = Hl7Rejection("AR", "MSH", 1, None, None, code, text, header=header)
+    return build_ack(
+        header,
+        _ack_code("AR", _enhanced(header)),
+        ack_control_id=str(uuid.uuid4()),
+        error=rejection,
+    )
 
 
 def _enhanced(header: MshHeader) -> bool:
@@ -44,13 +65,29 @@ class TakeCareSource:
         self._server: asyncio.Server | None = None
         self._intake: Intake | None = None
         self._source_override = ""
+        self._inline_max = 64 * 1024
+        self._parse_timeout = 10.0
+        # Large messages are parsed here, off the event loop; two threads bound the work.
+        self._parser = ThreadPoolExecutor(2, thread_name_prefix="hl7-parse")
 
     async def start(self, ctx: SourceContext) -> None:
         self._intake = ctx.intake
         self._source_override = ctx.settings.source_system
-        tls = ctx.settings.mllp_ssl_context()
+        settings = ctx.settings
+        self._inline_max = settings.mllp_parse_inline_max
+        self._parse_timeout = settings.mllp_parse_timeout
+        tls = settings.mllp_ssl_context()
         self._server = await mllp.serve(
-            ctx.settings.mllp_host, ctx.settings.mllp_port, self.handle, ssl=tls
+            settings.mllp_host,
+            settings.mllp_port,
+            self.handle,
+            idle_timeout=settings.mllp_idle_timeout,
+            frame_timeout=settings.mllp_frame_timeout,
+            max_frame=settings.mllp_max_frame,
+            max_pending=settings.mllp_max_pending,
+            max_connections=settings.mllp_max_connections,
+            refuse=refusal,
+            ssl=tls,
         )
         log.info(
             "takecare.listening",
@@ -63,11 +100,25 @@ class TakeCareSource:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        self._parser.shutdown(wait=False, cancel_futures=True)
+
+    async def _parse(self, raw: bytes) -> Inbound:
+        """parse(), off the event loop for large messages and within the time budget."""
+        if len(raw) <= self._inline_max:
+            return parse(raw)
+        work = asyncio.get_running_loop().run_in_executor(self._parser, parse, raw)
+        try:
+            return await asyncio.wait_for(work, self._parse_timeout)
+        except TimeoutError:
+            log.warning("takecare.parse_timeout", size=len(raw), seconds=self._parse_timeout)
+            code, text = REFUSALS["slow"]
+            header = read_header(raw[: mllp.HEAD])
+            raise Hl7Rejection("AR", "MSH", 1, None, None, code, text, header=header) from None
 
     async def handle(self, raw: bytes) -> bytes:
         """One inbound frame in, one ACK out."""
         try:
-            inbound = parse(raw)
+            inbound = await self._parse(raw)
         except Hl7Rejection as rejection:
             # Enhanced mode answers at the accept level: AR/AE become CR/CE.
             code = _ack_code(rejection.ack_code, _enhanced(rejection.header))
