@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import hl7
 import httpx
+import pytest
 from hl7.client import MLLPClient
 from sqlalchemy import func, select
 
 from gateway.demo import HOME_CARE, admission
 from gateway.store.db import Database
 from gateway.store.tables import deliveries, messages, outbox
-from tests.support import GatewayProcess, iter_segments, now_sthlm, personnummer, wait_for
+from tests.support import AnyBroker, GatewayProcess, iter_segments, now_sthlm, personnummer, wait_for
 
 NIGHT_CARE = "SE5561234567-HT02"
 OPS = "SE2321000016-OPS1"
@@ -259,12 +262,35 @@ def test_split_workers_share_the_work(tmp_path, database_url: str, broker) -> No
         back.stop()
 
 
-def test_a_held_notice_is_released_within_a_second_of_the_consent(
-    gateway: GatewayProcess,
+@pytest.fixture
+def gateway_without_sweeps(
+    tmp_path: Path, database_url: str, broker: AnyBroker
+) -> Iterator[GatewayProcess]:
+    """A gateway whose reconciler and follow-up sweeps wait ten minutes: whatever happens
+    sooner was driven by an event, not found by a periodic sweep."""
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        database_url,
+        broker,
+        BRYGGA_RECONCILE_AFTER_SECONDS="600",
+        BRYGGA_FOLLOWUP_INTERVAL_SECONDS="600",
+    )
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+def test_a_held_notice_is_released_by_the_consent_itself(
+    gateway_without_sweeps: GatewayProcess,
 ) -> None:
     """No consent in the admission: every notice waits in 'held' and TakeCare is told so;
     the hospital's system then records the consent over FHIR, and home care has the notice
-    within a second, over the real broker and stages."""
+    at once, over the real broker and stages: the consent's own events release it (with the
+    sweeps ten minutes away, nothing else could; no wall-clock bound, so a busy machine does
+    not fail it)."""
+    gateway = gateway_without_sweeps
     pnr = personnummer(7)
     ack = send(gateway, admission("E2E-HOLD", now_sthlm(), pnr=pnr, consent=""))
     assert msa(ack)[1] == "AA"
@@ -304,8 +330,7 @@ def test_a_held_notice_is_released_within_a_second_of_the_consent(
     posted = httpx.post(f"{gateway.base_url}/fhir/Consent", json=consent, headers=headers)
     assert posted.status_code == 201, posted.text
     notice = wait_for(
-        lambda: next(iter(inbox(gateway)), None), timeout=5, interval=0.02, what="released notice"
+        lambda: next(iter(inbox(gateway)), None), timeout=60, interval=0.02, what="released notice"
     )
-    released_after = time.monotonic() - started
+    print(f"released {time.monotonic() - started:.2f} s after the consent was posted")
     assert notice["message_id"] == message_id
-    assert released_after < 1.0, f"released after {released_after:.2f} s"
