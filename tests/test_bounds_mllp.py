@@ -295,8 +295,13 @@ async def _idle_and_large(gw: GatewayProcess) -> None:
     conn = await _connect(port)
     conn[1].write(mllp.frame(big))
     await conn[1].drain()
-    big_answer = asyncio.create_task(_answer(conn, 60))
+    async def big_answered() -> tuple[bytes, float]:
+        answer = await _answer(conn, 60)
+        return answer, time.monotonic()
+
+    big_answer = asyncio.create_task(big_answered())
     await asyncio.sleep(0.1)
+    probes_began = time.monotonic()
     small, health = await asyncio.gather(
         _timed_admission(port, "SMALL-1", 602), _timed_healthz(gw.base_url)
     )
@@ -305,8 +310,8 @@ async def _idle_and_large(gw: GatewayProcess) -> None:
         f"/healthz {health:.3f} s"
     )
     assert small[1] == "AA" and small[0] < max(3, 4 * baseline) and health < 3
-    assert not big_answer.done()  # the large one was still being parsed
-    answer = await big_answer
+    answer, big_done = await big_answer
+    assert big_done > probes_began  # the probes ran while the large one was being parsed
     location = err(answer)
     assert msa(answer)[1:3] == ["AE", "LARGE-1"] and location and location[2] == "PID^1^8"
     _close(conn, *idle)

@@ -45,7 +45,7 @@ from gateway.store.tables import deliveries, messages, outbox, processed_events
 
 log = structlog.get_logger("brygga.reconciler")
 BATCH = 200  # rows per kind of work per pass
-MAX_WINDOW_FACTOR = 32  # the in-flight window grows to at most this many times after_seconds
+MAX_WINDOW_FACTOR = 8  # the in-flight window grows to at most this many times after_seconds
 BACKLOG = 5000  # unpublished outbox rows above which nothing more is republished
 
 
