@@ -203,3 +203,38 @@ async def test_replay_runs_a_parked_message_again(db: Database) -> None:
     assert status == "permitted"
     again = await replay(db, accepted.message_id)
     assert again is not None and not again.message  # nothing parked any more
+
+
+async def test_reconciler_leaves_work_queued_while_its_stage_is_behind(
+    db: Database, fixed_clock: FixedClock
+) -> None:
+    """A stalled row whose stage's consumer group still has records to read is queued there,
+    not lost: republishing it would only lengthen the queue. Once caught up, it is lost."""
+    stalled = await Pipeline(db).intake.accept(
+        source="T|X", control_id="Q-1", raw=b"r", message=canonical(16), answer=lambda m: b"a"
+    )
+    behind = {"brygga.consent": 7}
+    asked: list[tuple[str, str]] = []
+
+    async def lag(topic: str, group: str) -> int | None:
+        asked.append((topic, group))
+        return behind.get(group, 0)
+
+    reconciler = Reconciler(db, after_seconds=30, interval_seconds=1, lag=lag)
+    fixed_clock.at += timedelta(seconds=40)
+    assert await reconciler.reconcile_once() == 0
+    assert (topics.EVENTS, "brygga.consent") in asked
+    assert (topics.DELIVERIES, "brygga.deliver") in asked
+
+    behind["brygga.consent"] = 0  # caught up: what is still accepted was lost
+    assert await reconciler.reconcile_once() == 1
+    events = await _outbox_events(db, topics.EVENTS)
+    assert events[-1].id == f"message.accepted:{stalled.message_id}"
+
+    fixed_clock.at += timedelta(seconds=40)
+    unknown = Reconciler(db, after_seconds=30, interval_seconds=1, lag=lambda t, g: _none())
+    assert await unknown.reconcile_once() == 1  # progress unknown: republished by window
+
+
+async def _none() -> int | None:
+    return None
