@@ -152,13 +152,18 @@ class LagProbe:
 
     The reconciler asks before it republishes: while the group is behind, the work it would
     republish is most likely still queued, and a republished event would only join the end
-    of the same queue. Two long-lived clients (an admin client for the group's committed
-    offsets, a group-less consumer for the end offsets), made again after any failure.
+    of the same queue. But a group that is behind and has committed nothing new for
+    ``stall_seconds`` is not working through a queue (a consumer wedged after the broker lost
+    its log, say): it counts as not behind, so the reconciler republishes by its windows as
+    it would without the probe. Two long-lived clients (an admin client for the group's
+    committed offsets, a group-less consumer for the end offsets), made again after a failure.
     """
 
-    def __init__(self, bootstrap: str, timeout: float = 5.0) -> None:
+    def __init__(self, bootstrap: str, timeout: float = 5.0, stall_seconds: float = 30.0) -> None:
         self.bootstrap = bootstrap
         self.timeout = timeout
+        self.stall_seconds = stall_seconds
+        self._progress: dict[tuple[str, str], tuple[int, float]] = {}  # committed, when seen
         self._admin: AIOKafkaAdminClient | None = None
         self._offsets: AIOKafkaConsumer | None = None
 
@@ -191,12 +196,22 @@ class LagProbe:
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         committed = await self._admin.list_consumer_group_offsets(group, partitions=tps)
         ends = await self._offsets.end_offsets(tps)
-        starts = await self._offsets.beginning_offsets(tps)
-        behind = 0
+        behind = done_total = 0
         for tp in tps:
             done = committed.get(tp)
-            position = done.offset if done is not None and done.offset >= 0 else starts[tp]
-            behind += max(0, ends[tp] - position)  # a broker that lost its log: ends < position
+            # No commit (a new group, or a broker that lost its offsets, whose consumers may
+            # still be reading from positions they hold in memory): nothing known, so the
+            # reconciler republishes by its windows, as it would without the probe. A
+            # broker that lost its log has ends below the commits: not behind either.
+            if done is not None and done.offset >= 0:
+                behind += max(0, ends[tp] - done.offset)
+                done_total += done.offset
+        now = asyncio.get_running_loop().time()
+        last = self._progress.get((topic, group))
+        if last is None or last[0] != done_total:
+            self._progress[(topic, group)] = (done_total, now)
+        elif now - last[1] > self.stall_seconds:
+            return 0  # behind, but not moving: not a queue being worked through
         return behind
 
     async def close(self) -> None:

@@ -107,21 +107,16 @@ class StageRunner:
         await consumer.start()
         self.ready.set()
         log.info("stage.started", stage=self.stage.name, topic=self.stage.topic)
-        uncommitted = False
         try:
             while True:
                 batch = await consumer.getmany(timeout_ms=1000)
                 for records in batch.values():
                     for record in records:
                         await self._process(record)
-                # A commit that failed is tried again even when idle: the reconciler takes
-                # uncommitted records for work still queued (see Reconciler, ``lag``).
-                if batch or uncommitted:
+                if batch:
                     try:
                         await consumer.commit()
-                        uncommitted = False
                     except Exception as exc:  # rebalance or broker restart: replay is safe
-                        uncommitted = True
                         log.info("stage.commit_skipped", stage=self.stage.name, **error_fields(exc))
         finally:
             self.ready.clear()
