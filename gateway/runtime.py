@@ -139,9 +139,15 @@ class Gateway:
                 self._spawn(kafka.keep_topics(bootstrap), "keep_topics")
             self._started.add("relay")
         if "reconcile" in self.stages:
+            probe = kafka.LagProbe(bootstrap)  # how far behind the stages' groups are
+            self._closers.append(probe.close)
             self._spawn(
                 Reconciler(
-                    db, s.reconcile_after_seconds, s.reconcile_interval_seconds, s.retention_days
+                    db,
+                    s.reconcile_after_seconds,
+                    s.reconcile_interval_seconds,
+                    s.retention_days,
+                    lag=probe.behind,
                 ).run(),
                 "reconcile",
             )

@@ -131,16 +131,16 @@ class Exploding(Stage):
         )
 
 
-def _record(event: Event) -> ConsumerRecord:  # type: ignore[type-arg]
+def _record(event: Event, topic: str = topics.EVENTS) -> ConsumerRecord:  # type: ignore[type-arg]
     """The record as the relay publishes it: sealed for its topic and key."""
     return ConsumerRecord(
-        topic=topics.EVENTS,
+        topic=topic,
         partition=0,
         offset=0,
         timestamp=0,
         timestamp_type=0,
         key=b"k",
-        value=topics.seal_record(columns.current(), topics.EVENTS, "k", event.to_json()),
+        value=topics.seal_record(columns.current(), topic, "k", event.to_json()),
         checksum=None,
         serialized_key_size=1,
         serialized_value_size=1,
@@ -203,3 +203,72 @@ async def test_replay_runs_a_parked_message_again(db: Database) -> None:
     assert status == "permitted"
     again = await replay(db, accepted.message_id)
     assert again is not None and not again.message  # nothing parked any more
+
+
+async def test_reconciler_leaves_work_queued_while_its_stage_is_behind(
+    db: Database, fixed_clock: FixedClock
+) -> None:
+    """A stalled row whose stage's consumer group still has records to read is queued there,
+    not lost: republishing it would only lengthen the queue. Once caught up, it is lost."""
+    stalled = await Pipeline(db).intake.accept(
+        source="T|X", control_id="Q-1", raw=b"r", message=canonical(16), answer=lambda m: b"a"
+    )
+    behind = {"brygga.consent": 7}
+    asked: list[tuple[str, str]] = []
+
+    async def lag(topic: str, group: str) -> int | None:
+        asked.append((topic, group))
+        return behind.get(group, 0)
+
+    reconciler = Reconciler(db, after_seconds=30, interval_seconds=1, lag=lag)
+    fixed_clock.at += timedelta(seconds=40)
+    assert await reconciler.reconcile_once() == 0
+    assert (topics.EVENTS, "brygga.consent") in asked
+    assert (topics.DELIVERIES, "brygga.deliver") in asked
+
+    behind["brygga.consent"] = 0  # caught up: what is still accepted was lost
+    assert await reconciler.reconcile_once() == 1
+    events = await _outbox_events(db, topics.EVENTS)
+    assert events[-1].id == f"message.accepted:{stalled.message_id}"
+
+    fixed_clock.at += timedelta(seconds=40)
+    unknown = Reconciler(db, after_seconds=30, interval_seconds=1, lag=lambda t, g: _none())
+    assert await unknown.reconcile_once() == 1  # progress unknown: republished by window
+
+
+async def _none() -> int | None:
+    return None
+
+
+async def test_receipts_stage_spends_no_transaction_on_a_receipt_that_settles_nothing(
+    db: Database,
+) -> None:
+    from gateway.pipeline.receipts import ReceiptsStage
+
+    mid = await Pipeline(db).run(canonical(17), "RS-1")
+    runner = StageRunner(ReceiptsStage(db), "unused:0", fetch_wait_ms=10, max_attempts=1)
+    receipts = [e for e in await _outbox_events(db, topics.RECEIPTS) if e.message_id == mid]
+    assert {e.data.get("state") for e in receipts} >= {"routed", "delivered"}
+    for event in receipts:  # not terminal: nothing to settle, nothing claimed
+        if event.data.get("state") in ("failed", None):
+            continue
+        await runner._process(_record(event, topics.RECEIPTS))
+    async with db.transaction() as conn:
+        claims = (await conn.execute(select(processed_events.c.consumer))).scalars().all()
+        await conn.execute(
+            update(deliveries).where(deliveries.c.message_id == mid).values(state="acknowledged")
+        )
+    assert "receipts" not in claims
+    last = Event(
+        id="receipt:last",
+        type="receipt.recorded",
+        message_id=mid,
+        delivery_id=receipts[-1].delivery_id,
+        data={"state": "acknowledged"},
+    )
+    await runner._process(_record(last, topics.RECEIPTS))
+    async with db.read() as conn:
+        status = (
+            await conn.execute(select(messages.c.status).where(messages.c.id == mid))
+        ).scalar_one()
+    assert status == "complete"

@@ -12,6 +12,7 @@ per process by :func:`install`, as the keyring is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import TopicPartition
 
 from gateway.bus.topics import ALL_TOPICS
 from gateway.logs import error_fields
@@ -101,6 +103,11 @@ def topic_name(topic: str) -> str:
     return _connection.topic_prefix + topic
 
 
+def group_id(stage: str) -> str:
+    """The consumer group of the pipeline stage ``stage`` (before the topic prefix)."""
+    return f"brygga.{stage}"
+
+
 def producer(bootstrap: str) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
@@ -138,6 +145,83 @@ def consumer(
         metadata_max_age_ms=3000,
         **_connection.client_kwargs(),
     )
+
+
+class LagProbe:
+    """How many records a stage's consumer group has yet to read from its topic.
+
+    The reconciler asks before it republishes: while the group is behind, the work it would
+    republish is most likely still queued, and a republished event would only join the end
+    of the same queue. But a group that is behind and has committed nothing new for
+    ``stall_seconds`` is not working through a queue (a consumer wedged after the broker lost
+    its log, say): it counts as not behind, so the reconciler republishes by its windows as
+    it would without the probe. Two long-lived clients (an admin client for the group's
+    committed offsets, a group-less consumer for the end offsets), made again after a failure.
+    """
+
+    def __init__(self, bootstrap: str, timeout: float = 5.0, stall_seconds: float = 30.0) -> None:
+        self.bootstrap = bootstrap
+        self.timeout = timeout
+        self.stall_seconds = stall_seconds
+        self._progress: dict[tuple[str, str], tuple[int, float]] = {}  # committed, when seen
+        self._admin: AIOKafkaAdminClient | None = None
+        self._offsets: AIOKafkaConsumer | None = None
+
+    async def behind(self, topic: str, group: str) -> int | None:
+        """Records of ``topic`` not yet committed by ``group``; None if it cannot be told."""
+        try:
+            return await asyncio.wait_for(
+                self._behind(topic_name(topic), topic_name(group)), self.timeout
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("kafka.lag_unknown", topic=topic, **error_fields(exc))
+            await self.close()
+            return None
+
+    async def _behind(self, topic: str, group: str) -> int:
+        if self._admin is None or self._offsets is None:
+            kwargs = _connection.client_kwargs()
+            self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **kwargs)
+            self._offsets = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **kwargs)
+            await self._admin.start()
+            await self._offsets.start()
+        partitions = self._offsets.partitions_for_topic(topic)
+        if not partitions:
+            await self._offsets.topics()  # fetches the cluster's metadata
+            partitions = self._offsets.partitions_for_topic(topic)
+        if not partitions:
+            raise LookupError(f"no partitions known for {topic}")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        committed = await self._admin.list_consumer_group_offsets(group, partitions=tps)
+        ends = await self._offsets.end_offsets(tps)
+        behind = done_total = 0
+        for tp in tps:
+            done = committed.get(tp)
+            # No commit (a new group, or a broker that lost its offsets, whose consumers may
+            # still be reading from positions they hold in memory): nothing known, so the
+            # reconciler republishes by its windows, as it would without the probe. A
+            # broker that lost its log has ends below the commits: not behind either.
+            if done is not None and done.offset >= 0:
+                behind += max(0, ends[tp] - done.offset)
+                done_total += done.offset
+        now = asyncio.get_running_loop().time()
+        last = self._progress.get((topic, group))
+        if last is None or last[0] != done_total:
+            self._progress[(topic, group)] = (done_total, now)
+        elif now - last[1] > self.stall_seconds:
+            return 0  # behind, but not moving: not a queue being worked through
+        return behind
+
+    async def close(self) -> None:
+        admin, offsets, self._admin, self._offsets = self._admin, self._offsets, None, None
+        with contextlib.suppress(Exception):
+            if admin is not None:
+                await admin.close()
+        with contextlib.suppress(Exception):
+            if offsets is not None:
+                await offsets.stop()
 
 
 async def keep_topics(bootstrap: str, interval: float = 3.0) -> None:

@@ -44,6 +44,8 @@ class ReceiptsStage(Stage):
     topic = topics.RECEIPTS
     handles = frozenset({"receipt.recorded", "message.settle"})
 
+    def wants(self, event: Event) -> bool:
+        return event.type == "message.settle" or event.data.get("state") in TERMINAL
+
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
-        if event.type == "message.settle" or State(event.data.get("state")).terminal:
-            await settle(conn, event.message_id)
+        await settle(conn, event.message_id)

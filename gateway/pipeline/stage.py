@@ -53,6 +53,12 @@ class Stage(ABC):
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         """Do the stage's work inside ``conn``'s transaction; raise to roll back."""
 
+    def wants(self, event: Event) -> bool:
+        """Whether ``event`` can change anything here. One that cannot is skipped before any
+        transaction: most receipts the receipts stage reads are not terminal, and a claim
+        and commit for each cost more than all the rest of its work."""
+        return True
+
     async def park(  # noqa: B027 - optional hook, not abstract
         self, conn: AsyncConnection, event: Event, key: str, error: str
     ) -> None:
@@ -94,7 +100,7 @@ class StageRunner:
         consumer = kafka.consumer(
             self.bootstrap,
             self.stage.topic,
-            f"brygga.{self.stage.name}",
+            kafka.group_id(self.stage.name),
             self.fetch_wait_ms,
             self.session_timeout_ms,
         )
@@ -129,7 +135,7 @@ class StageRunner:
             # was really pending is republished by the reconciler from the database.
             log.warning("stage.unreadable_record", stage=self.stage.name, **error_fields(exc))
             return
-        if event.type not in self.stage.handles:
+        if event.type not in self.stage.handles or not self.stage.wants(event):
             return
         while True:
             last = await self._attempts(event, key)
