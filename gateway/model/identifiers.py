@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
+from urllib.parse import quote
 
 
 class IdentifierKind(StrEnum):
@@ -26,6 +27,9 @@ SYSTEMS: dict[IdentifierKind, str] = {
 }
 KIND_BY_SYSTEM: dict[str, IdentifierKind] = {v: k for k, v in SYSTEMS.items()}
 HSA_SYSTEM = "urn:oid:1.2.752.29.4.19"
+# A unit code that is not an HSA-id (a TakeCare ward code, an unmapped MSH-4): only its sender
+# knows what it means, so the system names the sender (see local_unit_system).
+LOCAL_UNIT_SYSTEM = "https://brygga.dev/fhir/NamingSystem/local-unit-code"
 
 # OIDs used by RIV-TA services and in HL7 v2 assigning authorities; accepted as synonyms.
 OID_KINDS: dict[str, IdentifierKind] = {
@@ -40,6 +44,15 @@ HSA_OIDS = frozenset({"1.2.752.29.4.19", "1.2.752.129.2.1.4.1"})
 _PNR = re.compile(r"^([0-9]{8})[-+]?([0-9]{4})$")
 _HSA = re.compile(r"^SE[0-9]{10}-[0-9A-Za-z]{1,31}$")
 _RESERV = re.compile(r"^[0-9A-Za-z-]{4,20}$")
+
+
+def local_unit_system(issuer: str = "") -> str:
+    """The identifier system of a unit code that is not an HSA-id, scoped by who issued it.
+
+    ``issuer`` is the HSA-id (or raw MSH-4) of the sender that uses the code; empty for a
+    sender's own code, which has no issuer above it.
+    """
+    return f"{LOCAL_UNIT_SYSTEM}/{quote(issuer, safe='')}" if issuer else LOCAL_UNIT_SYSTEM
 
 
 class InvalidIdentifier(ValueError):
