@@ -6,13 +6,15 @@ nothing about the patient: only header fields and the rejection's fixed text go 
 
 from __future__ import annotations
 
+import base64
+import secrets
 from datetime import datetime
 
 import hl7
 
 from adapters.takecare.hl7in import MAPPING, STOCKHOLM, Hl7Rejection, MshHeader, codec_for
 
-__all__ = ["ACK_CODES", "build_ack", "parse_ack"]
+__all__ = ["ACK_CODES", "build_ack", "control_id", "parse_ack"]
 
 ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
 _SUPPORTED_VERSIONS = frozenset({"2.3", "2.3.1", "2.4", "2.5", "2.5.1"})
@@ -34,6 +36,12 @@ ERROR_TEXT: dict[int, str] = {
     206: "Application record locked",
     207: "Application internal error",
 }
+
+
+def control_id() -> str:
+    """A fresh MSH-10 for a message Brygga sends: 20 characters (the limit of v2.3 to 2.5),
+    100 random bits, letters A-Z and digits 2-7 only, so it never needs escaping."""
+    return base64.b32encode(secrets.token_bytes(15)).decode()[:20]
 
 
 def escape(value: str) -> str:
