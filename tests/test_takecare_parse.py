@@ -457,8 +457,8 @@ def test_ack_for_old_versions_carries_err1() -> None:
     rej = _reject(_set_field("PID", 3, "", base=raw))
     assert rej.header.version == "2.3"
     ack = build_ack(rej, "AE", ack_control_id="BRY-3", error=rej).decode()
-    assert "\rERR|PID^1^3^101&Required field missing&HL70357|PID^1^3|101^" in ack
-    assert "|2.3|" in ack.split("\r")[0]
+    assert ack.endswith("\rERR|PID^1^3^101&Required field missing&HL70357\r")  # ERR-1 only
+    assert "|ACK^A01|BRY-3|P|2.3|" in ack.split("\r")[0]
     assert parse(raw).version == "2.3"
 
 
@@ -466,11 +466,14 @@ def test_ack_for_garbage_and_unsupported_version() -> None:
     rej = _reject(b"garbage")
     ack = build_ack(rej, "AR", ack_control_id="BRY-4", error=rej)
     msh = ack.decode().split("\r")[0].split("|")
-    assert (msh[8], msh[11]) == ("ACK", "2.5")
+    assert (msh[8], msh[11]) == ("ACK^^ACK", "2.5")  # no trigger to echo; the structure
     assert parse_ack(ack)[:3] == ("AR", "", "MSH^1")
     rej = _reject(_set_field("MSH", 12, "2.8"))
     msh = build_ack(rej, "AR", ack_control_id="X", error=rej).decode().split("\r")[0].split("|")
-    assert msh[11] == "2.5"  # never answer in a version we do not speak
+    assert msh[11] == "2.8"  # the ACK is written as the sender's version defines it
+    rej = _reject(_set_field("MSH", 12, "3.0"))
+    msh = build_ack(rej, "AR", ack_control_id="X", error=rej).decode().split("\r")[0].split("|")
+    assert msh[11] == "2.5"  # a version without known ACK rules gets v2.5
 
 
 def test_ack_keeps_the_character_set_and_escapes() -> None:

@@ -79,7 +79,7 @@ log = structlog.get_logger(__name__)
 class MshHeader:
     """What MSH said, as far as it could be read: enough to address an ACK."""
 
-    control_id: str = ""
+    control_id: str = ""  # MSH-10 unescaped and stripped: the key for duplicates
     sending_application: str = ""
     sending_facility: str = ""
     receiving_application: str = ""
@@ -90,6 +90,9 @@ class MshHeader:
     application_ack_type: str = ""
     processing_id: str = ""
     charset: str = ""  # MSH-18 as sent (upper-cased), "" when absent
+    # MSH-10 exactly as sent (spaces kept), in ER7 for the standard delimiters |^~\&: what
+    # MSA-2 echoes, so the sender finds its message byte for byte.
+    control_id_er7: str = ""
 
 
 EMPTY_HEADER = MshHeader()
@@ -453,7 +456,24 @@ def _read_header(fields: list[str], enc: _Enc, charset: str) -> MshHeader:
         application_ack_type=comp(16).upper(),
         processing_id=comp(11),
         charset=charset,
+        control_id_er7=_standard_er7(fields[10] if len(fields) > 10 else "", enc),
     )
+
+
+_STANDARD = "|^~\\&"
+_ESCAPE_LETTER = dict(zip(_STANDARD, "FSRET", strict=True))
+
+
+def _standard_er7(value: str, enc: _Enc) -> str:
+    """A field's ER7 text rewritten for the standard delimiters: the sender's delimiters
+    become the standard ones and a standard one used as plain text is escaped, so the
+    value means the same and is unchanged when the sender used the standard delimiters."""
+    own = enc.field + enc.comp + enc.rep + enc.esc + enc.sub
+    if own == _STANDARD or len(own) != len(_STANDARD):
+        return value
+    table = {ord(c): f"\\{_ESCAPE_LETTER[c]}\\" for c in _STANDARD if c not in own}
+    table.update({ord(c): std for c, std in zip(own, _STANDARD, strict=True)})
+    return value.translate(table)
 
 
 def _valid_encoding_chars(fields: list[str]) -> bool:
@@ -770,9 +790,7 @@ def _care_parties(m: _Msg, mapping: TakeCareMapping) -> list[CareParty]:
             )
         parties[CareParty(role, unit[0], m.get(rol, 4, 2, 1) or unit[1])] = None
         if len(parties) > MAX_CARE_PARTIES:
-            raise _ae(
-                "ROL", None, 100, f"more than {MAX_CARE_PARTIES} care parties", sequence=seq
-            )
+            raise _ae("ROL", None, 100, f"more than {MAX_CARE_PARTIES} care parties", sequence=seq)
     return list(parties)
 
 

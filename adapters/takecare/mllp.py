@@ -185,7 +185,8 @@ async def serve(
     answered in arrival order; frames that arrive together are handled concurrently.
 
     ``handler`` gets the payload and returns the complete ACK message, which is framed
-    here. A handler error closes the connection without an answer, so the sender resends.
+    here; an empty answer sends nothing (the sender asked for no ACK, MSH-15 ``NE``). A
+    handler error closes the connection without an answer, so the sender resends.
 
     Bounded per input: a frame larger than ``max_frame``, or one that would take the bytes
     held in unfinished frames of all connections past ``max_pending``, is refused (with
@@ -226,7 +227,7 @@ async def serve(
                 if framer.pending and (payloads or not was_pending):
                     began = time.monotonic()
                 if len(payloads) == 1:
-                    writer.write(frame(await handler(payloads[0])))
+                    _answer(writer, await handler(payloads[0]))
                 elif payloads:
                     # Pipelined frames are handled together (intake commits them as one
                     # group) and answered in their order; a failure stops the answers there.
@@ -236,7 +237,7 @@ async def serve(
                     for answer in answers:
                         if isinstance(answer, BaseException):
                             raise answer
-                        writer.write(frame(answer))
+                        _answer(writer, answer)
                 await writer.drain()
         except FrameTooLarge as exc:
             busy = isinstance(exc, OverBudget)
@@ -260,6 +261,12 @@ async def serve(
             await _close(writer)
 
     return await asyncio.start_server(connection, host, port, ssl=ssl)
+
+
+def _answer(writer: asyncio.StreamWriter, answer: bytes) -> None:
+    """Frame and queue one answer; nothing for an empty one."""
+    if answer:
+        writer.write(frame(answer))
 
 
 async def _discard(reader: asyncio.StreamReader, seconds: float) -> None:

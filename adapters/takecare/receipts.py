@@ -205,7 +205,6 @@ class ReceiptsToTakeCare(Stage):
         payload = build_ack(
             original,
             code,
-            ack_control_id=notification_id,
             text=str(event.data.get("reason", "")),
             request_accept_ack=True,
         )

@@ -3,13 +3,14 @@
 The ACK is the contract with the sender: positive only after the message is committed
 (original mode AA, enhanced mode CA), negative with the segment and field when the message
 is wrong (AE/AR), and AE/CE "store failed, resend" when the database could not commit.
+Enhanced mode follows MSH-15: no accept ACK the sender did not ask for, so with MSH-16
+asking for the application ACK the sender gets exactly one (see receipts.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -37,25 +38,33 @@ def refusal(head: bytes, reason: str) -> bytes | None:
         return None
     code, text = REFUSALS[reason]
     rejection = Hl7Rejection("AR", "MSH", 1, None, None, code, text, header=header)
-    return build_ack(
-        header,
-        _ack_code("AR", _enhanced(header)),
-        ack_control_id=str(uuid.uuid4()),
-        error=rejection,
-    )
+    return build_ack(header, _answer_code("AR", header) or "AR", error=rejection)
 
 
 def _enhanced(header: MshHeader) -> bool:
-    """Enhanced acknowledgement mode: the sender asked for accept ACKs in MSH-15."""
-    return header.accept_ack_type in ("AL", "SU", "ER")
+    """Enhanced acknowledgement mode: MSH-15 or MSH-16 is valued (HL7 v2 chapter 2)."""
+    return bool(header.accept_ack_type or header.application_ack_type)
 
 
 _COMMIT_LEVEL = {"AA": "CA", "AE": "CE", "AR": "CR"}
 
 
-def _ack_code(code: str, enhanced: bool) -> str:
-    """Original mode answers AA/AE/AR; enhanced mode answers at the accept level, CA/CE/CR."""
-    return _COMMIT_LEVEL[code] if enhanced else code
+def _answer_code(code: str, header: MshHeader) -> str | None:
+    """The ACK code on the connection for an outcome (AA, AE or AR); None: no answer.
+
+    Original mode answers AA/AE/AR. Enhanced mode answers at the accept level, CA/CE/CR,
+    when MSH-15 asks for it (AL or empty: always, SU: success, ER: errors, NE: never).
+    An error the sender asked no accept ACK for is still answered, with AE/AR (the
+    message will not be processed: that is its application ACK); a success is not, and
+    the application ACK follows on its own when MSH-16 asks for it.
+    """
+    if not _enhanced(header):
+        return code
+    ok = code == "AA"
+    wanted = header.accept_ack_type
+    if wanted == "NE" or (wanted == "SU" and not ok) or (wanted == "ER" and ok):
+        return None if ok else code
+    return _COMMIT_LEVEL[code]
 
 
 class TakeCareSource:
@@ -116,12 +125,12 @@ class TakeCareSource:
             raise Hl7Rejection("AR", "MSH", 1, None, None, code, text, header=header) from None
 
     async def handle(self, raw: bytes) -> bytes:
-        """One inbound frame in, one ACK out."""
+        """One inbound frame in, its ACK out (b"" when the sender asked for none)."""
         try:
             inbound = await self._parse(raw)
         except Hl7Rejection as rejection:
             # Enhanced mode answers at the accept level: AR/AE become CR/CE.
-            code = _ack_code(rejection.ack_code, _enhanced(rejection.header))
+            code = _answer_code(rejection.ack_code, rejection.header) or rejection.ack_code
             log.info(
                 "takecare.rejected",
                 ack=code,
@@ -129,14 +138,8 @@ class TakeCareSource:
                 field=rejection.field,
                 code=rejection.hl7_error_code,
             )
-            return build_ack(
-                rejection,
-                code,
-                ack_control_id=str(uuid.uuid4()),
-                error=rejection,
-                text=rejection.text,
-            )
-        enhanced = _enhanced(inbound)
+            return build_ack(rejection, code, error=rejection, text=rejection.text)
+        accepted_code = _answer_code("AA", inbound)
         source = (
             self._source_override or f"{inbound.sending_application}|{inbound.sending_facility}"
         )
@@ -147,14 +150,14 @@ class TakeCareSource:
                 control_id=inbound.control_id,
                 raw=raw,
                 message=inbound.canonical,
-                answer=lambda message_id: build_ack(
-                    inbound, _ack_code("AA", enhanced), ack_control_id=message_id
+                answer=lambda _message_id: (
+                    build_ack(inbound, accepted_code) if accepted_code else b""
                 ),
             )
         except Exception as exc:
             log.error("takecare.store_failed", control_id=inbound.control_id, **error_fields(exc))
             failure = Hl7Rejection(
-                ack_code=_ack_code("AE", enhanced),
+                ack_code=_answer_code("AE", inbound) or "AE",
                 segment="MSH",
                 sequence=1,
                 field=None,
@@ -162,11 +165,5 @@ class TakeCareSource:
                 hl7_error_code=207,
                 text=SYSTEM_ERROR,
             )
-            return build_ack(
-                inbound,
-                failure.ack_code,
-                ack_control_id=str(uuid.uuid4()),
-                error=failure,
-                text=SYSTEM_ERROR,
-            )
+            return build_ack(inbound, failure.ack_code, error=failure, text=SYSTEM_ERROR)
         return accepted.answer
