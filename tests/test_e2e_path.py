@@ -52,6 +52,19 @@ def ledger(gw: GatewayProcess, message_id: str) -> dict:
     return r.json()
 
 
+def message_id_of(gw: GatewayProcess, control_id: str) -> str:
+    """The gateway's id of the message sent with this MSH-10 (the ACK's own MSH-10 is not it:
+    HL7 limits MSH-10 to 20 characters)."""
+    r = httpx.get(
+        f"{gw.base_url}/api/v1/messages",
+        params={"control_id": control_id},
+        headers=gw.token(OPS, "ops"),
+    )
+    r.raise_for_status()
+    (message_id,) = r.json()["ids"]
+    return str(message_id)
+
+
 def count_rows(url: str, table, **where) -> int:  # type: ignore[no-untyped-def]
     async def go() -> int:
         db = Database(url)
@@ -294,7 +307,7 @@ def test_a_held_notice_is_released_by_the_consent_itself(
     pnr = personnummer(7)
     ack = send(gateway, admission("E2E-HOLD", now_sthlm(), pnr=pnr, consent=""))
     assert msa(ack)[1] == "AA"
-    message_id = next(s for s in iter_segments(ack) if s[0] == "MSH")[9]  # the gateway's id
+    message_id = message_id_of(gateway, "E2E-HOLD")
 
     held = wait_for(
         lambda: (d := ledger(gateway, message_id))["status"] == "held" and d, what="held"

@@ -14,7 +14,7 @@ from typing import Any
 
 from mappings import MAPPINGS_DIR
 from tests.support import GatewayProcess, iter_segments, wait_for
-from tests.test_e2e_path import inbox, ledger, send
+from tests.test_e2e_path import inbox, ledger, message_id_of, send
 
 GOLDEN = MAPPINGS_DIR / "takecare" / "golden"
 CLINIC = "SE2321000016-V010"  # listed clinic (PD1-3)
@@ -63,7 +63,7 @@ def accepted(gw: GatewayProcess, raw: bytes) -> str:
     segments = {seg[0]: seg for seg in iter_segments(ack)}
     sent_id = next(seg for seg in iter_segments(raw) if seg[0] == "MSH")[9]
     assert segments["MSA"][1] == "CA" and segments["MSA"][2] == sent_id, ack
-    return segments["MSH"][9]
+    return message_id_of(gw, sent_id)
 
 
 def settled(gw: GatewayProcess, message_id: str) -> dict[str, Any]:
