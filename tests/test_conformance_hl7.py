@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from adapters.takecare import mllp
-from adapters.takecare.ack import build_ack
-from adapters.takecare.hl7in import Hl7Rejection, MshHeader, parse
+from adapters.takecare.ack import build_ack, parse_ack
+from adapters.takecare.hl7in import Hl7Rejection, MshHeader, parse, read_header
 from adapters.takecare.receipts import ReceiptSettings, ReceiptsToTakeCare, Sender
 from adapters.takecare.source import TakeCareSource
 from gateway.bus.topics import Event
@@ -471,3 +471,72 @@ def test_the_reader_refuses_what_a_strict_receiver_refuses() -> None:
 
 def test_corpus_paths_exist() -> None:
     assert Path(CORPUS).is_dir() and len(_corpus()) >= 150
+
+
+# --------------------------------------------------------------------------- per version
+
+
+def _refusal(version: str, text: str = "PID-3: required") -> tuple[MshHeader, Hl7Rejection]:
+    header = MshHeader(
+        control_id="C-1", control_id_er7="C-1", message_type="ADT^A01", version=version
+    )
+    return header, Hl7Rejection("AE", "PID", 1, 3, None, 101, text, header=header)
+
+
+@pytest.mark.parametrize(
+    ("version", "msh9", "err"),
+    [
+        ("2.3", "ACK^A01", "ERR|PID^1^3^101&Required field missing&HL70357"),
+        ("2.3.1", "ACK^A01^ACK", "ERR|PID^1^3^101&Required field missing&HL70357"),
+        ("2.4", "ACK^A01^ACK", "ERR|PID^1^3^101&Required field missing&HL70357"),
+        ("2.5", "ACK^A01^ACK", "ERR||PID^1^3|101^Required field missing^HL70357|E||||PID-3: x"),
+        ("2.6", "ACK^A01^ACK", "ERR||PID^1^3|101^Required field missing^HL70357|E||||PID-3: x"),
+        ("2.8", "ACK^A01^ACK", "ERR||PID^1^3|101^Required field missing^HL70357|E||||PID-3: x"),
+    ],
+)
+def test_the_ack_of_each_version(version: str, msh9: str, err: str) -> None:
+    header, rejection = _refusal(version, "PID-3: x")
+    ack = build_ack(header, "AE", error=rejection).decode()
+    msh, msa, error = ack.rstrip("\r").split("\r")
+    assert _fields(msh)[9] == msh9 and _fields(msh)[12] == version
+    assert len(_fields(msh)[10]) == 20
+    assert msa == ("MSA|AE|C-1" if version == "2.8" else "MSA|AE|C-1|PID-3: x")
+    assert error == err
+    read_strictly(ack)
+    assert parse_ack(ack.encode())[:3] == ("AE", "C-1", "PID^1^3")
+
+
+def test_a_long_text_is_cut_in_msa3_and_given_whole_in_err8() -> None:
+    text = "PID-3: " + "x" * 300
+    header, rejection = _refusal("2.5", text)
+    ack = build_ack(header, "AE", error=rejection).decode()
+    msa, err = _fields(ack.split("\r")[1]), _fields(ack.split("\r")[2])
+    assert msa[3] == text[:80] and err[8] == text[:250]
+    header, rejection = _refusal("2.4", text)
+    ack = build_ack(header, "AE", error=rejection).decode()
+    assert _fields(ack.split("\r")[1])[3] == text[:80]
+    read_strictly(ack)
+    # an escape sequence is never cut in half
+    header, rejection = _refusal("2.5", "y" * 78 + "|z")
+    msa3 = _fields(build_ack(header, "AE", error=rejection).decode().split("\r")[1])[3]
+    assert msa3 == "y" * 78
+
+
+def test_msa2_is_msh10_as_sent_whatever_the_delimiters() -> None:
+    spaced = _set_msh(ADMISSION, f10="  SP-1 ")
+    assert read_header(spaced).control_id == "SP-1"  # the key for duplicates: trimmed
+    assert parse_ack(build_ack(read_header(spaced), "AA"))[1] == "  SP-1 "
+    # a sender with '#' for components: its literal '^' is escaped in the standard ACK
+    other = b"MSH|#~\\&|TAKECARE|X|BRYGGA|BRYGGA|20250310142501||ADT#A01|A^B#C|P|2.5\rEVN|A01\r"
+    header = read_header(other)
+    assert header.control_id_er7 == "A\\S\\B^C"
+    ack = build_ack(header, "AA").decode()
+    assert "\rMSA|AA|A\\S\\B^C\r" in ack
+
+
+def test_ack_control_ids_are_fresh_and_short() -> None:
+    header, _ = _refusal("2.5")
+    ids = {_fields(build_ack(header, "AA").decode().split("\r")[0])[10] for _ in range(200)}
+    assert len(ids) == 200 and all(re.fullmatch(r"[A-Z2-7]{20}", i) for i in ids)
+    with pytest.raises(ValueError):
+        build_ack(header, "AA", ack_control_id="x" * 21)

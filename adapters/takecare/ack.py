@@ -224,17 +224,34 @@ def _err(error: Hl7Rejection, rules: AckRules, detail: str) -> str:
 
 
 def parse_ack(raw: bytes) -> tuple[str, str, str | None, str]:
-    """(MSA-1, MSA-2, ERR-2 location as sent or None, ERR-8 or else MSA-3 text)."""
-    text = raw.decode("utf-8", "replace").strip("\x0b\x1c\r\n ")
-    msg = hl7.parse(text.replace("\r\n", "\r").replace("\n", "\r"))
+    """(MSA-1, MSA-2 as sent, error location as sent or None, ERR-8 or else MSA-3 text).
+
+    The location is ERR-2 (v2.5 on) or, from an older receiver, ERR-1's segment^sequence^field.
+    """
+    text = raw.decode("utf-8", "replace").strip("\x0b\x1c\r\n").lstrip()
+    text = text.replace("\r\n", "\r").replace("\n", "\r")
+    msg = hl7.parse(text)
     msa = msg.segment("MSA")
-    code, control_id = str(msa(1)) if len(msa) > 1 else "", str(msa(2)) if len(msa) > 2 else ""
+    code = str(msa(1)) if len(msa) > 1 else ""
+    control_id = _msa2_as_sent(text)
     detail = msg.unescape(str(msa(3))) if len(msa) > 3 else ""
     location: str | None = None
     errs = [seg for seg in msg if str(seg[0]) == "ERR"]
     if errs:
         err = errs[0]
         location = str(err(2)) if len(err) > 2 and str(err(2)) else None
+        if location is None and len(err) > 1 and str(err(1)):
+            location = "^".join(str(err(1)).split("^")[:3]) or None
         if len(err) > 8 and str(err(8)):
             detail = msg.unescape(str(err(8)))
     return code, control_id, location, detail
+
+
+def _msa2_as_sent(text: str) -> str:
+    """MSA-2 with its spaces (python-hl7 strips the message's last line)."""
+    sep = text[3:4] or "|"
+    for line in text.split("\r"):
+        if line.startswith("MSA" + sep):
+            parts = line.split(sep)
+            return parts[2] if len(parts) > 2 else ""
+    return ""
