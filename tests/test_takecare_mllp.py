@@ -288,3 +288,13 @@ async def test_a_failing_frame_among_pipelined_ones_stops_the_answers_there() ->
 
     acks, closed = await _pipeline(second_fails, [b"1", b"2", b"3"], 3)
     assert acks == [b"ACK 1"] and closed  # no answer for 2, none out of order for 3
+
+
+async def test_an_empty_answer_sends_nothing_and_keeps_the_order() -> None:
+    """MSH-15 NE: the handler answers b"" and no frame goes out; the next frames are answered."""
+
+    async def quiet_second(payload: bytes) -> bytes:
+        return b"" if payload == b"2" else b"ACK " + payload
+
+    acks, closed = await _pipeline(quiet_second, [b"1", b"2", b"3"], 2)
+    assert acks == [b"ACK 1", b"ACK 3"] and not closed
