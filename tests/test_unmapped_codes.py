@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import hl7
 import httpx
 import pytest
 import structlog
 from sqlalchemy import select
 
+from adapters.hl7v2.render import render
 from adapters.takecare import mllp
 from adapters.takecare.ack import parse_ack
 from adapters.takecare.source import TakeCareSource
 from gateway.api.app import create_app
 from gateway.api.auth import TokenKeys
-from gateway.model.bundle import read_bundle
+from gateway.model.bundle import read_bundle, to_bundle
 from gateway.pipeline.intake import Intake
 from gateway.settings import Settings
 from gateway.sources import SourceContext
@@ -28,7 +31,7 @@ from gateway.store import unmapped
 from gateway.store.db import Database
 from gateway.store.tables import messages
 from mappings import MAPPINGS_DIR
-from tests.inprocess import KEYER
+from tests.inprocess import HOME_CARE, KEYER, canonical
 
 ADMISSION = (MAPPINGS_DIR / "takecare" / "golden" / "adt_a01_full.hl7").read_bytes()
 FACILITY = b"SE2321000016-EX01^1.2.752.29.4.19^ISO"
@@ -165,3 +168,18 @@ async def test_api_lists_unmapped_codes_newest_first(
     assert (await client.get("/api/v1/ops/unmapped-codes")).status_code == 401
     spec = (await client.get("/openapi.json")).json()["paths"]["/api/v1/ops/unmapped-codes"]
     assert spec["get"]["responses"]["200"]["content"]["application/json"]["example"]["codes"]
+
+
+# --------------------------------------------------------------------------- outbound
+
+
+def test_outbound_pv1_3_falls_back_to_the_sender_for_a_local_ward_code() -> None:
+    """A local ward code means nothing to the receiver of the HL7 v2 notice: PV1-3.1
+    carries the sending facility's HSA-id instead (an HSA-id ward is sent as it is)."""
+    local = replace(canonical(1), ward_hsa_id="", ward_code="GER 12")
+    parsed = hl7.parse(render(to_bundle(local, "m"), "C1", HOME_CARE))
+    assert str(parsed["PV1.F3.R1.C1"]) == local.sender_hsa_id
+    assert "GER 12" not in str(parsed)
+    ward = replace(canonical(1), ward_hsa_id="SE2321000016-EX12")
+    parsed = hl7.parse(render(to_bundle(ward, "m"), "C1", HOME_CARE))
+    assert str(parsed["PV1.F3.R1.C1"]) == "SE2321000016-EX12"
