@@ -20,6 +20,7 @@ from sqlalchemy import select
 from adapters.hl7v2.render import render
 from adapters.takecare import mllp
 from adapters.takecare.ack import parse_ack
+from adapters.takecare.receipts import ReceiptsToTakeCare, TakeCareReceiptsPlugin
 from adapters.takecare.source import TakeCareSource
 from gateway.api.app import create_app
 from gateway.api.auth import TokenKeys
@@ -183,3 +184,12 @@ def test_outbound_pv1_3_falls_back_to_the_sender_for_a_local_ward_code() -> None
     ward = replace(canonical(1), ward_hsa_id="SE2321000016-EX12")
     parsed = hl7.parse(render(to_bundle(ward, "m"), "C1", HOME_CARE))
     assert str(parsed["PV1.F3.R1.C1"]) == "SE2321000016-EX12"
+
+
+def test_receipts_reread_a_message_with_the_configured_sender(db: Database) -> None:
+    """The application ACKs back to TakeCare parse the stored message again: with the
+    same fallback for an empty MSH-4, or a message accepted that way would get none."""
+    plugin = TakeCareReceiptsPlugin()
+    plugin.enabled(Settings(takecare_sender=SENDER))
+    stage = plugin.stage(db)
+    assert isinstance(stage, ReceiptsToTakeCare) and stage.default_sender == SENDER
