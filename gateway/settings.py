@@ -148,6 +148,12 @@ class Settings(BaseSettings):
     source_system: str = Field(
         "", description="Overrides the sender identity taken from MSH-3/MSH-4 (tests, proxies)."
     )
+    takecare_sender: str = Field(
+        "",
+        description="MSH-4 for TakeCare messages that leave it empty (it is optional in HL7):"
+        " the HSA-id, or a unit code of mappings/takecare/facilities.toml, of the facility"
+        " this connection serves. Empty: such messages get AE 101 naming MSH-4.",
+    )
     reconcile_after_seconds: float = Field(
         30.0, description="Republish work that has not advanced for this long."
     )

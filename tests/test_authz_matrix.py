@@ -100,6 +100,7 @@ TABLE: dict[tuple[str, str], dict[str, tuple[str, str]] | str] = {
         integration=(OK, FORBIDDEN), consent_admin=SAME["ok"], ops=SAME["ok"], auditor=SAME["ok"]
     ),
     ("GET", "/api/v1/stats"): row(ops=SAME["ok"], auditor=SAME["ok"]),
+    ("GET", "/api/v1/ops/unmapped-codes"): row(ops=SAME["ok"], directory_admin=SAME["ok"]),
     ("POST", "/api/v1/audit/search"): row(auditor=SAME["ok"]),
 }
 for _type in ("Organization", "HealthcareService", "Endpoint"):
@@ -316,6 +317,7 @@ def builders() -> dict[tuple[str, str], Callable[[World], Awaitable[Req]]]:
             "GET", "/fhir/Consent/{w.consent_id}", HOSPITAL
         ),
         ("GET", "/api/v1/stats"): _fixed("GET", "/api/v1/stats", params={"month": "2026-11"}),
+        ("GET", "/api/v1/ops/unmapped-codes"): _fixed("GET", "/api/v1/ops/unmapped-codes"),
     }
 
     async def process(world: World) -> Req:

@@ -25,7 +25,7 @@ from adapters.takecare import hl7in
 from adapters.takecare.ack import build_ack, parse_ack
 from adapters.takecare.hl7in import Hl7Rejection, Inbound, parse
 from gateway.model.bundle import read_bundle, to_bundle, validate_bundle
-from gateway.model.identifiers import IdentifierKind
+from gateway.model.identifiers import IdentifierKind, local_unit_system
 from mappings import MAPPINGS_DIR
 
 GOLDEN = MAPPINGS_DIR / "takecare" / "golden"
@@ -269,6 +269,158 @@ def _reject_with(raw: bytes, mapping: hl7in.TakeCareMapping) -> Hl7Rejection:
     return info.value
 
 
+# A foreign person number (table 0203 PN, e.g. a Norwegian fødselsnummer): any text that
+# HL7 can carry in CX-1 without delimiters.
+_FOREIGN = st.text(
+    alphabet=st.characters(
+        codec="utf-8", exclude_categories=("Cs", "Cc", "Zl", "Zp"), exclude_characters="|^~\\&"
+    ),
+    min_size=1,
+    max_size=20,
+).filter(lambda v: v.strip() == v and v.strip())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    _FOREIGN,
+    st.sampled_from(["NO", "DK", "FI", "", "NOR&2.16.578.1.12.4.1.4.1&ISO"]),
+    st.booleans(),
+)
+def test_pid3_pn_of_another_country_never_fails_a_swedish_repetition(
+    value: str, authority: str, pn_first: bool
+) -> None:
+    """PN names no country: only repetitions that claim to be Swedish are checked, so a
+    valid personnummer in another repetition wins whatever the PN repetition holds."""
+    reps = [f"{value}^^^{authority}^PN", f"{PNR}^^^^PNR"]
+    pid3 = "~".join(reps if pn_first else reps[::-1])
+    ids = parse(_set_field("PID", 3, pid3)).canonical.patient_ids
+    assert ids[0].value == PNR and ids[0].kind is IdentifierKind.PERSONNUMMER
+    assert all(p.value == PNR for p in ids)
+
+
+def test_pid3_pn_is_read_as_swedish_only_when_it_is_one() -> None:
+    swedish = parse(_set_field("PID", 3, "19121212-1212^^^^PN")).canonical.patient_ids
+    assert [p.kind for p in swedish] == [IdentifierKind.PERSONNUMMER]
+    # a PN that is no valid Swedish number is another country's: skipped, not a Luhn error
+    assert _reject(_set_field("PID", 3, "191212121213^^^^PN")).hl7_error_code == 101
+    # a repetition that claims to be Swedish is still checked, whatever PN says
+    claimed = f"{PNR}^^^^PN~191212121213^^^^PNR"
+    assert _reject(_set_field("PID", 3, claimed)).hl7_error_code == 102
+    by_oid = "191212121213^^^&1.2.752.129.2.1.3.1&ISO^PN"
+    assert _reject(_set_field("PID", 3, by_oid)).hl7_error_code == 102
+
+
+def test_mapping_refuses_a_type_code_listed_as_swedish_and_generic(tmp_path: Path) -> None:
+    for name in ("adt.toml", "events.toml", "fields.toml", "facilities.toml"):
+        text = (MAPPINGS_DIR / "takecare" / name).read_text("utf-8")
+        if name == "adt.toml":
+            text = text.replace("[pid3.type_codes]\n", '[pid3.type_codes]\nPN = "personnummer"\n')
+        (tmp_path / name).write_text(text, "utf-8")
+    with pytest.raises(ValueError, match="listed twice"):
+        hl7in.load_mapping(tmp_path)
+
+
+# --------------------------------------------------------------------------- unit codes
+
+
+def test_local_ward_code_is_accepted_and_kept_as_sent() -> None:
+    """A ward code that is neither an HSA-id nor mapped (real feeds use local codes)."""
+    inbound = parse(_set_field("PV1", 3, "GER 12^^^SE2321000016-EX01"))
+    c = inbound.canonical
+    assert (c.ward_hsa_id, c.ward_code) == ("", "GER 12")
+    assert hl7in.unmapped_codes(c) == [("PV1-3", "GER 12")]
+    bundle = to_bundle(c, message_id="m1")
+    validate_bundle(bundle)
+    (encounter,) = [
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter"
+    ]
+    assert encounter["location"] == [
+        {
+            "location": {
+                "identifier": {
+                    "system": local_unit_system("SE2321000016-EX01"),
+                    "value": "GER 12",
+                }
+            }
+        }
+    ]
+    # a mapped code or an HSA-id is no unmapped code
+    for ward in ("EXAMPLE-KS-AVD12", "SE2321000016-EX12", ""):
+        c = parse(_set_field("PV1", 3, ward)).canonical
+        assert c.ward_code == "" and hl7in.unmapped_codes(c) == []
+
+
+def test_missing_msh4_falls_back_to_the_configured_sender() -> None:
+    raw = _set_field("MSH", 4, "")
+    rej = _reject(raw)  # without a configured sender: AE 101 naming MSH-4, as before
+    assert (rej.ack_code, rej.location, rej.hl7_error_code) == ("AE", "MSH-4", 101)
+    inbound = parse(raw, default_sender="SE2321000016-EX01")
+    assert inbound.sending_facility == ""  # the header says what MSH said (the ACK's MSH-6)
+    assert inbound.canonical.sender_hsa_id == "SE2321000016-EX01"
+    assert hl7in.unmapped_codes(inbound.canonical) == []
+    mapped = parse(raw, default_sender="EXAMPLE-KS").canonical
+    assert (mapped.sender_hsa_id, mapped.sender_name) == (
+        "SE2321000016-EX01",
+        "Exempelsjukhuset Solna",
+    )
+    # an MSH-4 that is sent wins over the configured sender
+    sent = parse(_set_field("MSH", 4, "EXAMPLE-DS"), default_sender="EXAMPLE-KS").canonical
+    assert sent.sender_hsa_id == "SE2321000016-EX02"
+
+
+def test_unmapped_msh4_is_kept_raw_and_listed() -> None:
+    c = parse(_set_field("MSH", 4, "TCKS")).canonical
+    assert c.sender_hsa_id == "TCKS"
+    assert hl7in.unmapped_codes(c) == [("MSH-4", "TCKS")]
+    c = parse(_set_field("PV1", 3, "G12", base=_set_field("MSH", 4, "TCKS"))).canonical
+    assert hl7in.unmapped_codes(c) == [("MSH-4", "TCKS"), ("PV1-3", "G12")]
+
+
+@pytest.mark.parametrize(
+    "code,disposition",
+    [
+        ("01", "home"),
+        ("02", "other-hcf"),  # FHIR "hosp" is hospice
+        ("08", "home"),
+        ("09", "oth"),
+        ("30", "oth"),
+        ("40", "exp"),
+        ("41", "exp"),
+        ("42", "exp"),
+        ("SJUKHUS", "other-hcf"),
+    ],
+)
+def test_discharge_disposition_table_0112(code: str, disposition: str) -> None:
+    raw = (GOLDEN / "adt_a03_discharge_sabo.hl7").read_bytes()
+    c = parse(_set_field("PV1", 36, code, base=raw)).canonical
+    assert c.discharge_disposition == disposition
+
+
+def test_every_code_of_table_0112_is_mapped() -> None:
+    """HL7 v2.5 table 0112 lists 01-09, 20, 30, 40-42 (and ranges for local use): each has a
+    documented mapping (checked against hl7apy's copy of the table)."""
+    from hl7apy.v2_5.tables import TABLES
+
+    codes = {c for c in TABLES["HL70112"][1] if c.isdigit()}
+    assert codes == {
+        "01",
+        "02",
+        "03",
+        "04",
+        "05",
+        "06",
+        "07",
+        "08",
+        "09",
+        "20",
+        "30",
+        "40",
+        "41",
+        "42",
+    }
+    assert codes <= set(hl7in.MAPPING.discharge_disposition)
+
+
 # --------------------------------------------------------------------------- other fields
 
 
@@ -345,7 +497,6 @@ REJECTIONS = [
     ("birth", _set_field("PID", 7, "19121312"), "AE", "PID", 1, 7, 102, "PID-7"),
     ("sex", _set_field("PID", 8, "X"), "AE", "PID", 1, 8, 103, "table 0001"),
     ("class", _set_field("PV1", 2, "Z"), "AE", "PV1", 1, 2, 103, "table 0004"),
-    ("ward", _set_field("PV1", 3, "AVD 12"), "AE", "PV1", 1, 3, 102, "PV1-3"),
     ("admit", _set_field("PV1", 44, "2025-03-10"), "AE", "PV1", 1, 44, 102, "timestamp"),
     ("evn2", _set_field("EVN", 2, "20251310"), "AE", "EVN", 1, 2, 102, "timestamp"),
     ("pv2-9", _set_field("PV2", 9, "tomorrow"), "AE", "PV2", 1, 9, 102, "timestamp"),

@@ -19,6 +19,7 @@ from adapters.takecare.ack import escape
 from gateway.clock import STOCKHOLM
 from gateway.model.bundle import resources_by_ref
 from gateway.model.events import LusEvent
+from gateway.model.identifiers import HSA_SYSTEM
 from mappings import MAPPINGS_DIR
 
 OUTBOUND = MAPPINGS_DIR / "hl7v2" / "outbound.toml"
@@ -92,6 +93,9 @@ def values(
     period = encounter.get("period", {})
     ward = (encounter.get("location") or [{}])[0].get("location", {}).get("identifier", {})
     doc = next((r for k, r in res.items() if k.startswith("DocumentReference/")), {})
+    # a local ward code (no HSA-id) means nothing to the receiver: the sender stands in
+    local_ward = ward.get("system", HSA_SYSTEM) != HSA_SYSTEM
+    ward_hsa = sender_hsa if local_ward else str(ward.get("value", ""))
     gateway = m.settings["gateway"]
     return {
         "control_id": control_id,
@@ -119,7 +123,7 @@ def values(
         "patient_class": m.settings["patient_classes"].get(
             encounter.get("class", {}).get("code", ""), ""
         ),
-        "ward_hsa_id": str(ward.get("value", "")),
+        "ward_hsa_id": ward_hsa,
         "admitted_at": _ts(period.get("start")),
         "discharged_at": _ts(period.get("end")),
         "document_id": str(doc.get("masterIdentifier", {}).get("value", "")) or control_id,

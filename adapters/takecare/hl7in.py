@@ -67,6 +67,7 @@ __all__ = [
     "parse",
     "present_fields",
     "read_header",
+    "unmapped_codes",
 ]
 
 log = structlog.get_logger(__name__)
@@ -552,8 +553,12 @@ def _decode(raw: bytes | str, mapping: TakeCareMapping) -> tuple[str, str | None
     return text, codec, charset
 
 
-def parse(raw: bytes, *, mapping: TakeCareMapping = MAPPING) -> Inbound:
-    """Parse and map one HL7 v2 message; raises :class:`Hl7Rejection` and nothing else."""
+def parse(raw: bytes, *, mapping: TakeCareMapping = MAPPING, default_sender: str = "") -> Inbound:
+    """Parse and map one HL7 v2 message; raises :class:`Hl7Rejection` and nothing else.
+
+    ``default_sender`` stands in for an empty MSH-4 (optional in HL7): the connection's
+    configured sender (``BRYGGA_TAKECARE_SENDER``); without it such a message gets AE 101.
+    """
     header = EMPTY_HEADER
     try:
         text, codec, charset = _decode(raw, mapping)
@@ -565,12 +570,13 @@ def parse(raw: bytes, *, mapping: TakeCareMapping = MAPPING) -> Inbound:
             raise _ar("MSH", 18, 103, "MSH-18: character set not supported")
         if not _valid_encoding_chars(fields):
             raise _ar("MSH", 2, 102, "MSH-2: encoding characters are not valid")
-        rule = _check_msh(header, mapping)
+        facility = header.sending_facility or default_sender
+        rule = _check_msh(header, facility, mapping)
         _check_segments(lines, enc.field)
         read = mapping.spec_for(header.message_type).read
         msg = _Msg([line for line in lines[1:] if line[:3] in read], enc)
         sent_at = _unescape(fields[7].split(enc.comp, 1)[0], enc).strip() if len(fields) > 7 else ""
-        canonical = _map(msg, header, sent_at, rule, mapping)
+        canonical = _map(msg, header, facility, sent_at, rule, mapping)
         return Inbound(**{f: getattr(header, f) for f in _HEADER_FIELDS}, canonical=canonical)
     except Hl7Rejection as known:
         if known.header is EMPTY_HEADER:
@@ -594,6 +600,17 @@ def parse(raw: bytes, *, mapping: TakeCareMapping = MAPPING) -> Inbound:
             header=header,
         )
         raise rejection from None
+
+
+def unmapped_codes(message: CanonicalMessage) -> list[tuple[str, str]]:
+    """The unit codes an accepted message used that are neither HSA-ids nor mapped in
+    facilities.toml, as (field, code): for operators to map (no patient data)."""
+    found: list[tuple[str, str]] = []
+    if message.sender_hsa_id and not is_hsa_id(message.sender_hsa_id):
+        found.append(("MSH-4", message.sender_hsa_id))
+    if message.ward_code:
+        found.append(("PV1-3", message.ward_code))
+    return found
 
 
 def read_header(raw: bytes) -> MshHeader:
@@ -629,7 +646,8 @@ def present_fields(
     return header.message_type, header.sending_facility, found
 
 
-def _check_msh(header: MshHeader, mapping: TakeCareMapping) -> EventRule:
+def _check_msh(header: MshHeader, facility: str, mapping: TakeCareMapping) -> EventRule:
+    """MSH-10, -12 and -9; the event rule for MSH-9 as ``facility`` (MSH-4 or fallback) has it."""
     if not header.control_id:
         raise _ar("MSH", 10, 101, "MSH-10: message control id is required")
     if not header.version:
@@ -638,7 +656,6 @@ def _check_msh(header: MshHeader, mapping: TakeCareMapping) -> EventRule:
         raise _ar("MSH", 12, 203, "MSH-12: version not supported (2.3 to 2.5.1 are)")
     if not header.message_type:
         raise _ar("MSH", 9, 101, "MSH-9: message type is required")
-    facility = header.sending_facility
     rule = mapping.rule_for(header.message_type, facility)
     if rule is not None:
         return rule
@@ -700,12 +717,17 @@ def _identifiers(
         if not value:
             continue
         uid, ns = m.get(seg, field, 4, 2, rep=rep), m.get(seg, field, 4, 1, rep=rep)
+        type_code = m.get(seg, field, 5, rep=rep).upper()
         kind = (
             OID_KINDS.get(uid.removeprefix("urn:oid:"))
             or OID_KINDS.get(ns)
             or mapping.authorities.get(ns)
-            or mapping.type_codes.get(m.get(seg, field, 5, rep=rep).upper())
+            or mapping.type_codes.get(type_code)
         )
+        # A type code that names no country (0203 PN): Swedish only if the value is one.
+        generic = kind is None and type_code in mapping.generic_type_codes
+        if generic:
+            kind = mapping.generic_type_codes[type_code]
         if kind is None:
             continue  # a foreign identifier (hospital MRN, other country): not ours to key on
         try:
@@ -714,6 +736,8 @@ def _identifiers(
             else:
                 patient_id = parse_identity_number(value)
         except InvalidIdentifier as exc:
+            if generic:
+                continue  # another country's person number: not ours to check
             raise _ae(name, field, 102, f"{where}: {exc}", component=1, repetition=rep) from None
         if patient_id not in ids:
             ids.append(patient_id)
@@ -1111,13 +1135,18 @@ def _referral(m: _Msg, mapping: TakeCareMapping) -> Referral | None:
 
 
 def _map(
-    m: _Msg, header: MshHeader, sent_at: str, rule: EventRule, mapping: TakeCareMapping
+    m: _Msg,
+    header: MshHeader,
+    facility: str,
+    sent_at: str,
+    rule: EventRule,
+    mapping: TakeCareMapping,
 ) -> CanonicalMessage:
     """Message -> canonical message; see docs/mapping-guide.md for the field tables."""
     for name in mapping.spec_for(header.message_type).required:
         if m.first(name) is None:
             raise _ae(name, None, 100, f"{name} segment is required")
-    if not header.sending_facility:
+    if not facility:
         raise _ae("MSH", 4, 101, "MSH-4: sending facility is required")
     pid, pv1 = m.first("PID"), m.first("PV1")
     evn, pv2, pd1 = m.first("EVN"), m.first("PV2"), m.first("PD1")
@@ -1139,7 +1168,7 @@ def _map(
             raise _ae("MSH", 7, 101, "MSH-7: message date/time is required when EVN-2 is empty")
         occurred_at = _ts(sent_at, ("MSH", 1, 7))
 
-    sender = _resolve_unit(header.sending_facility, mapping) or (header.sending_facility, "")
+    sender = _resolve_unit(facility, mapping) or (facility, "")  # an unmapped code kept as sent
     family, given = _name(m, pid) if pid is not None else ("", "")
 
     birth_raw = m.get(pid, 7)
@@ -1158,15 +1187,9 @@ def _map(
         raise _ae("PV1", 2, 103, "PV1-2: patient class not in HL7 table 0004")
 
     ward = m.get(pv1, 3)
-    ward_unit = _resolve_unit(ward, mapping) if ward else ("", "")
-    if ward_unit is None:
-        raise _ae(
-            "PV1",
-            3,
-            102,
-            "PV1-3: point of care is not an HSA-id or a mapped unit code",
-            component=1,
-        )
+    # A local ward code (no HSA-id, not in facilities.toml) is accepted and kept as sent;
+    # whatever needs the ward's HSA-id falls back to the sender (unmapped_codes lists it).
+    ward_unit = (_resolve_unit(ward, mapping) if ward else None) or ("", "")
 
     admitted = m.get(pv1, 44)
     expected = m.get(pv2, 9)
@@ -1209,6 +1232,7 @@ def _map(
         admitted_at=_ts(admitted, ("PV1", 1, 44)) if admitted else None,
         expected_discharge=_ts(expected, ("PV2", 1, 9)) if expected else None,
         ward_hsa_id=ward_unit[0],
+        ward_code="" if ward_unit[0] else ward,
         listed_clinic=_listed_clinic(m, pd1, mapping),
         care_parties=care_parties,
         consent=_consent(m, mapping),

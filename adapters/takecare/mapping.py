@@ -135,6 +135,8 @@ class TakeCareMapping:
     protected: tuple[ProtectedRule, ...]
     facilities: dict[str, tuple[str, str]]  # code -> (hsa_id, name)
     rules: dict[str, EventRule] = field(default_factory=dict)  # "ADT^A01" -> rule
+    # PID-3 type codes that name no country (0203 PN): Swedish only when the value is one
+    generic_type_codes: dict[str, IdentifierKind] = field(default_factory=dict)
     facility_rules: dict[str, dict[str, EventRule]] = field(default_factory=dict)
     messages: dict[str, MessageSpec] = field(default_factory=dict)  # "ADT", "ADT^A40"
     required_fields: dict[LusEvent, tuple[FieldRef, ...]] = field(default_factory=dict)
@@ -322,6 +324,9 @@ def load_mapping(directory: Path = DEFAULT_DIR) -> TakeCareMapping:
         charsets=_upper_keys(adt["charsets"]),
         authorities={k: kinds[v] for k, v in pid3.get("authorities", {}).items()},
         type_codes={k.upper(): kinds[v] for k, v in pid3.get("type_codes", {}).items()},
+        generic_type_codes={
+            k.upper(): kinds[v] for k, v in pid3.get("generic_type_codes", {}).items()
+        },
         gender=_upper_keys(adt["gender"]),
         patient_class=_upper_keys(adt["patient_class"]),
         roles=_upper_keys(adt["roles"]),
@@ -361,6 +366,9 @@ def load_mapping(directory: Path = DEFAULT_DIR) -> TakeCareMapping:
 
 
 def _validate(mapping: TakeCareMapping) -> None:
+    both = set(mapping.type_codes) & set(mapping.generic_type_codes)
+    if both:
+        raise ValueError(f"mappings/takecare: [pid3] type codes listed twice {sorted(both)}")
     for codec in mapping.charsets.values():
         "".encode(codec)  # LookupError for an unknown codec name
     _check(set(mapping.gender.values()), _GENDERS, "[gender]")

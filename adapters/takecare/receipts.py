@@ -121,8 +121,9 @@ class ReceiptsToTakeCare(Stage):
     topic = topics.RECEIPTS
     handles = frozenset({"receipt.recorded", "message.status"})
 
-    def __init__(self, db: Database, settings: ReceiptSettings) -> None:
+    def __init__(self, db: Database, settings: ReceiptSettings, default_sender: str = "") -> None:
         super().__init__(db)
+        self.default_sender = default_sender  # as the source read an empty MSH-4
         self.applications = {a.strip() for a in settings.receipts_applications.split(",")}
 
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
@@ -192,7 +193,7 @@ class ReceiptsToTakeCare(Stage):
         if row.source.partition("|")[0] not in self.applications:
             return
         try:
-            original = parse(row.raw)
+            original = parse(row.raw, default_sender=self.default_sender)
         except Hl7Rejection:  # the mapping changed since it was accepted: nothing to answer
             log.warning("takecare.receipts.unparsable_original", message_id=event.message_id)
             return
@@ -347,12 +348,14 @@ class TakeCareReceiptsPlugin:
 
     def __init__(self) -> None:
         self.settings = ReceiptSettings()
+        self.default_sender = ""
 
     def enabled(self, settings: Settings) -> bool:
+        self.default_sender = settings.takecare_sender
         return bool(self.settings.receipts_host and self.settings.receipts_port)
 
     def stage(self, db: Database) -> Stage | None:
-        return ReceiptsToTakeCare(db, self.settings)
+        return ReceiptsToTakeCare(db, self.settings, self.default_sender)
 
     def background(self, db: Database) -> Coroutine[Any, Any, None] | None:
         return Sender(db, self.settings).run()

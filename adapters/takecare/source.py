@@ -10,6 +10,7 @@ asking for the application ACK the sender gets exactly one (see receipts.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,10 +18,19 @@ import structlog
 
 from adapters.takecare import mllp
 from adapters.takecare.ack import build_ack
-from adapters.takecare.hl7in import Hl7Rejection, Inbound, MshHeader, parse, read_header
+from adapters.takecare.hl7in import (
+    Hl7Rejection,
+    Inbound,
+    MshHeader,
+    parse,
+    read_header,
+    unmapped_codes,
+)
+from gateway import clock
 from gateway.logs import error_fields
 from gateway.pipeline.intake import Intake
 from gateway.sources import SourceContext
+from gateway.store import unmapped
 
 log = structlog.get_logger("brygga.takecare")
 SYSTEM_ERROR = "Message could not be stored; nothing was kept. Resend it."
@@ -76,6 +86,7 @@ class TakeCareSource:
         self._source_override = ""
         self._inline_max = 64 * 1024
         self._parse_timeout = 10.0
+        self._default_sender = ""  # stands in for an empty MSH-4 (BRYGGA_TAKECARE_SENDER)
         # Large messages are parsed here, off the event loop; two threads bound the work.
         self._parser = ThreadPoolExecutor(2, thread_name_prefix="hl7-parse")
 
@@ -85,6 +96,7 @@ class TakeCareSource:
         settings = ctx.settings
         self._inline_max = settings.mllp_parse_inline_max
         self._parse_timeout = settings.mllp_parse_timeout
+        self._default_sender = settings.takecare_sender
         tls = settings.mllp_ssl_context()
         self._server = await mllp.serve(
             settings.mllp_host,
@@ -113,9 +125,10 @@ class TakeCareSource:
 
     async def _parse(self, raw: bytes) -> Inbound:
         """parse(), off the event loop for large messages and within the time budget."""
+        work_of = functools.partial(parse, raw, default_sender=self._default_sender)
         if len(raw) <= self._inline_max:
-            return parse(raw)
-        work = asyncio.get_running_loop().run_in_executor(self._parser, parse, raw)
+            return work_of()
+        work = asyncio.get_running_loop().run_in_executor(self._parser, work_of)
         try:
             return await asyncio.wait_for(work, self._parse_timeout)
         except TimeoutError:
@@ -166,4 +179,17 @@ class TakeCareSource:
                 text=SYSTEM_ERROR,
             )
             return build_ack(inbound, failure.ack_code, error=failure, text=SYSTEM_ERROR)
+        found = unmapped_codes(inbound.canonical)
+        if found and not accepted.duplicate:
+            await self._note_unmapped(inbound.canonical.sender_hsa_id, found)
         return accepted.answer
+
+    async def _note_unmapped(self, sender: str, found: list[tuple[str, str]]) -> None:
+        """Count the unit codes the mapping does not know, for operators to map; after the
+        commit, so a failure here costs only a count, never the message or its ACK."""
+        assert self._intake is not None
+        try:
+            async with self._intake.db.transaction() as conn:
+                await unmapped.record(conn, sender, found, clock.now())
+        except Exception as exc:
+            log.warning("takecare.unmapped_not_recorded", **error_fields(exc))

@@ -61,6 +61,7 @@ POLICY: dict[str, dict[str, Reach]] = {
     "directory.read": {"directory-admin": ALL, "integration": ALL, "ops": ALL},
     "directory.write": {"directory-admin": ALL, "integration": OWN},
     "stats.read": {"ops": ALL, "auditor": ALL},
+    "unmapped.read": {"ops": ALL, "directory-admin": ALL},
     "audit.read": {"auditor": ALL},
 }
 

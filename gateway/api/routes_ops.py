@@ -1,4 +1,5 @@
-"""Operations API: the receipt ledger of a message; health and readiness."""
+"""Operations API: the receipt ledger of a message; unmapped unit codes; health and
+readiness."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from gateway import audit
 from gateway.api.openapi import example
 from gateway.api.policy import Grant, allow, sent_by_caller, visible_ledger
 from gateway.pipeline.views import find_message_id, message_ledger, patient_key_of
+from gateway.store import unmapped
 
 router = APIRouter(tags=["operations"])
 Ledger = Annotated[Grant, Depends(allow("message.ledger"))]
 Finder = Annotated[Grant, Depends(allow("message.find"))]
+Mappers = Annotated[Grant, Depends(allow("unmapped.read"))]
 
 EXAMPLE_LEDGER = {
     "id": "0b9e5c7a-1d2f-4e3a-8b6c-5d4e3f2a1b0c",
@@ -94,6 +97,33 @@ async def find_messages(
         return {
             "ids": await sent_by_caller(conn, who, await find_message_id(conn, source, control_id))
         }
+
+
+EXAMPLE_UNMAPPED = {
+    "codes": [
+        {
+            "sender": "SE2321000016-EX01",
+            "field": "PV1-3",
+            "code": "GER12",
+            "first_seen": "2026-11-23T08:15:02.120000+00:00",
+            "last_seen": "2026-11-30T16:40:11.000000+00:00",
+            "count": 214,
+        }
+    ]
+}
+
+
+@router.get(
+    "/api/v1/ops/unmapped-codes",
+    summary="Unit codes senders use that are neither HSA-ids nor mapped",
+    responses=example(EXAMPLE_UNMAPPED),
+)
+async def unmapped_codes(request: Request, who: Mappers) -> dict[str, list[dict[str, Any]]]:
+    """Ward codes (PV1-3) and sending facilities (MSH-4) of accepted messages that the
+    mapping does not know: the ward's HSA-id fell back to the sender's. Map each in
+    mappings/takecare/facilities.toml. Unit codes only, no patient data."""
+    async with request.app.state.db.read() as conn:
+        return {"codes": await unmapped.listing(conn)}
 
 
 @router.get("/healthz", summary="The process is alive", tags=["health"])

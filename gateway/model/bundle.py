@@ -18,7 +18,13 @@ from typing import Any
 import orjson
 
 from gateway.model.events import LUS_EVENT_SYSTEM, LusEvent
-from gateway.model.identifiers import HSA_SYSTEM, SYSTEMS, IdentifierKind, PatientId
+from gateway.model.identifiers import (
+    HSA_SYSTEM,
+    SYSTEMS,
+    IdentifierKind,
+    PatientId,
+    local_unit_system,
+)
 
 BRYGGA_SOURCE_ENDPOINT = "urn:brygga:gateway"
 CONSENT_BASIS_SYSTEM = "https://brygga.dev/fhir/CodeSystem/consent-basis"
@@ -138,6 +144,7 @@ class CanonicalMessage:
     admitted_at: datetime | None = None
     expected_discharge: datetime | None = None
     ward_hsa_id: str = ""
+    ward_code: str = ""  # PV1-3 as sent when it is no HSA-id and not mapped (a local code)
     listed_clinic: CareParty | None = None
     care_parties: list[CareParty] = field(default_factory=list)
     consent: ConsentBasis | None = None
@@ -243,6 +250,11 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
     if msg.ward_hsa_id:
         encounter["location"] = [
             {"location": {"identifier": {"system": HSA_SYSTEM, "value": msg.ward_hsa_id}}}
+        ]
+    elif msg.ward_code:
+        system = local_unit_system(msg.sender_hsa_id)
+        encounter["location"] = [
+            {"location": {"identifier": {"system": system, "value": msg.ward_code}}}
         ]
 
     header: dict[str, Any] = {

@@ -331,3 +331,16 @@ care_relations = Table(
     Column("ended_at", UtcDateTime, nullable=True, comment="set: a later unit of the kind"),
     Index(None, "patient_key", "kind"),
 )
+
+# Unit codes that senders used and that are neither HSA-ids nor mapped in mappings/: the
+# messages were accepted; operators map the codes (gateway/store/unmapped.py). No patient data.
+unmapped_codes = Table(
+    "unmapped_codes",
+    metadata,
+    Column("sender", String(200), primary_key=True, comment="sender HSA-id, or MSH-4 as sent"),
+    Column("field", String(20), primary_key=True, comment="where the code came, e.g. PV1-3"),
+    Column("code", String(200), primary_key=True, comment="the code as sent"),
+    Column("first_seen", UtcDateTime, nullable=False),
+    Column("last_seen", UtcDateTime, nullable=False),
+    Column("times_seen", BigInteger, nullable=False, comment="accepted messages using it"),
+)
