@@ -235,7 +235,9 @@ async def test_hl7_accept_is_received(mllp: MllpReceiver, code: str) -> None:
     outcome = await hl7_channel().deliver(ctx(mllp.address))
     assert outcome.state is State.RECEIVED and code in outcome.detail
     msg = hl7.parse(mllp.received[0])
-    assert str(msg["MSH.F10"]) == stable_control_id("delivery-1") and str(msg["MSH.F6"]) == HOME_CARE
+    assert (
+        str(msg["MSH.F10"]) == stable_control_id("delivery-1") and str(msg["MSH.F6"]) == HOME_CARE
+    )
 
 
 async def test_hl7_receiver_away_or_bad_address_is_unavailable(mllp: MllpReceiver) -> None:

@@ -2,10 +2,10 @@
 over MLLP to ``host:port``, answered by an ACK on the same connection (original mode).
 
 MSH-10 is derived from the delivery's dedup key (20 characters, the version's limit), the
-same on every resend, so the receiver recognises a resend. MSA-1 AA/CA: the application took it (RECEIVED). AE/CE: it refused this message
-(rejected; the next channel is tried). AR/CR, no answer, a refused connection or a timeout:
-unavailable, resent later. Details carry ACK codes and the receiver's text with every trace
-of the patient masked.
+same on every resend, so the receiver recognises a resend. MSA-1 AA/CA: the application took
+it (RECEIVED). AE/CE: it refused this message (rejected; the next channel is tried). AR/CR,
+no answer, a refused connection or a timeout: unavailable, resent later. Details carry ACK
+codes and the receiver's text with every trace of the patient masked.
 """
 
 from __future__ import annotations

@@ -96,9 +96,7 @@ def _lines(text: str) -> list[str]:
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def observations(
-    res: dict[str, dict[str, Any]], event: LusEvent, m: Mapping
-) -> list[Observation]:
+def observations(res: dict[str, dict[str, Any]], event: LusEvent, m: Mapping) -> list[Observation]:
     """The notice as OBX values: text lines (TX), then each document (ED or RP).
 
     The CarePlan notes and every text/plain document become TX lines. Another attachment
