@@ -251,14 +251,16 @@ def render(
     """The ER7 text of the message (segments ended by CR); MSH-7 is ``made_at`` (now)."""
     m = mapping or default_mapping()
     raw = values(bundle, dedup_key, recipient_hsa_id, m, made_at)
-    vals = {k: v if k in _ER7_VALUES else escape(v) for k, v in raw.items()}
+    limits: dict[str, int] = m.settings["value_lengths"]
+    vals = {k: cut(v if k in _ER7_VALUES else escape(v), limits.get(k)) for k, v in raw.items()}
     segments = []
     for name in m.event(raw["event_code"])["segments"]:
         template = m.settings["segments"][name]
         if name == "OBX":
             obs = observations(resources_by_ref(bundle), LusEvent(raw["event_code"]), m)
             for n, ob in enumerate(obs, 1):
-                row = {**vals, "set_id": str(n), "value_type": ob.value_type, "value": ob.value}
+                value = ob.value if ob.value_type == "ED" else cut(ob.value, limits["value"])
+                row = {**vals, "set_id": str(n), "value_type": ob.value_type, "value": value}
                 segments.append(_segment(name, template, row, m))
         else:
             segments.append(_segment(name, template, vals, m))
