@@ -220,6 +220,7 @@ _text = st.text(
     encounter_id=_text,
     doc_id=_text,
     title=_text,
+    ward=_text,
     key=st.text(min_size=1, max_size=80),
 )
 def test_any_content_renders_to_a_strictly_valid_message(
@@ -231,8 +232,10 @@ def test_any_content_renders_to_a_strictly_valid_message(
     encounter_id: str,
     doc_id: str,
     title: str,
+    ward: str,
     key: str,
 ) -> None:
+    """Any texts, and a ward code as a feed sends it (a local code of any length)."""
     at = datetime(2026, 11, 23, 9, 30, tzinfo=STOCKHOLM)
     doc = Document(
         "UTSKRIVNING",
@@ -254,6 +257,7 @@ def test_any_content_renders_to_a_strictly_valid_message(
         ready_at=at,
         expected_discharge=at,
         replaces_ids=[parse_identity_number(personnummer((n + 1) % 5000))],
+        ward_hsa_id=ward,
     )
     er7 = render(to_bundle(msg, "m"), key, HOME_CARE, made_at=MADE)
     assert strict_problems(er7) == []
