@@ -40,6 +40,7 @@ from mappings import MAPPINGS_DIR
 from tests.inprocess import HOME_CARE, KEYER, Pipeline, canonical
 from tests.standins import FhirReceiver, MllpReceiver, response_bundle
 from tests.support import personnummer
+from tests.test_hl7_outbound import strict_problems
 
 GOLDEN = MAPPINGS_DIR / "hl7v2" / "golden"
 PNR = personnummer(1)
@@ -234,6 +235,7 @@ async def test_hl7_accept_is_received(mllp: MllpReceiver, code: str) -> None:
     mllp.code = code
     outcome = await hl7_channel().deliver(ctx(mllp.address))
     assert outcome.state is State.RECEIVED and code in outcome.detail
+    assert strict_problems(mllp.received[0]) == []  # what went over the wire, read strictly
     msg = hl7.parse(mllp.received[0])
     assert (
         str(msg["MSH.F10"]) == stable_control_id("delivery-1") and str(msg["MSH.F6"]) == HOME_CARE

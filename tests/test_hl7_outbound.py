@@ -27,7 +27,8 @@ from hl7apy.parser import parse_message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.hl7v2.render import LENGTHS, render, stable_control_id
+from adapters.hl7v2.render import LENGTHS, cut, render, stable_control_id
+from adapters.takecare.ack import escape
 from gateway.clock import STOCKHOLM
 from gateway.model.bundle import Attachment, Document, to_bundle
 from gateway.model.events import LusEvent
@@ -199,6 +200,13 @@ def test_msh7_is_when_the_message_was_made(fixed_clock: object) -> None:
     made = datetime(2026, 11, 23, 8, 0, tzinfo=UTC).astimezone(STOCKHOLM)
     assert str(msg["MSH.F7"]) == made.strftime("%Y%m%d%H%M%S%z")
     assert str(msg["MSH.F7"]) != str(msg["EVN.F2"])  # not the event's time
+
+
+@given(text=st.text(max_size=80) | st.text("|^~\\&ab", max_size=80), limit=st.integers(0, 90))
+def test_a_cut_field_is_a_prefix_and_never_splits_an_escape(text: str, limit: int) -> None:
+    field = cut(escape(text), limit)
+    assert len(field) <= limit and field.count("\\") % 2 == 0
+    assert text.startswith(hl7.parse("MSH|^~\\&|" + field).unescape(field))
 
 
 # --- any content ---------------------------------------------------------------------------
