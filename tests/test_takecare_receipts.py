@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import hl7
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from adapters.takecare import mllp
-from adapters.takecare.ack import build_ack
+from adapters.takecare.ack import build_ack, control_id
 from adapters.takecare.hl7in import MshHeader
+from adapters.takecare.receipts import REPORTED, build_oru
 from gateway.demo import HOME_CARE, admission
+from gateway.model.bundle import to_bundle
+from tests.inprocess import canonical
 from tests.support import (
     AnyBroker,
     Broker,
@@ -25,6 +33,7 @@ from tests.support import (
     wait_for,
 )
 from tests.test_e2e_path import msa, send
+from tests.test_hl7_outbound import strict_problems
 
 
 class TakeCareListener:
@@ -142,6 +151,9 @@ def test_receipts_reach_takecare_in_order_with_retry(
         assert str(last.segment("PID")[3][0][0]) == pnr  # TakeCare files it on its patient
         assert "Anna Svensson (Undersköterska)" in str(last.segment("NTE"))
         assert str(last.segment("MSH")[9]) == "ORU^R01^ORU_R01"
+        for oru in takecare.oru():  # every receipt as a strict v2.5 reader takes it
+            assert strict_problems(str(oru)) == []
+            assert len(str(oru.segment("MSH")[10])) <= 20
         # Every recipient's delivery was reported (four parties in the demo admission).
         wait_for(
             lambda: len({str(m.segment("OBX")[5][0][0]) for m in takecare.oru()}) == 4,
@@ -170,3 +182,81 @@ def test_receipts_reach_takecare_in_order_with_retry(
         gw.stop()
     assert '"takecare.receipts.not_accepted"' in gw.logs()
     assert pnr not in gw.logs()
+
+
+# --- the ORU itself, read by hl7apy (strict) ----------------------------------------------
+
+AT = datetime(2026, 11, 23, 15, 41, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("state", sorted(REPORTED))
+@pytest.mark.parametrize("actor", [None, ("Anna Svensson", "Undersköterska")])
+def test_every_receipt_passes_strict_validation(
+    state: str, actor: tuple[str, str] | None, fixed_clock: object
+) -> None:
+    oru = build_oru(
+        control_id(),
+        "TAKECARE|SE2321000016-H001",
+        "TC-R1",
+        to_bundle(canonical(1), "m"),
+        (HOME_CARE, "Omsorgshuset Hemtjänst AB"),
+        state,
+        AT,
+        actor,
+    ).decode("utf-8")
+    assert strict_problems(oru) == []
+    msg = hl7.parse(oru)
+    assert re.fullmatch(r"[A-Z2-7]{20}", str(msg["MSH.F10"]))
+    assert str(msg["MSH.F7"]) == "20261123090000+0100"  # now (the fixed clock), not AT
+    assert str(msg["OBR.F2"]) == "TC-R1" and str(msg["MSH.F12"]) == "2.5"
+
+
+def test_a_wrong_receipt_is_reported() -> None:
+    """The check can fail: a 36-character MSH-10 (the old uuid) and an ORU without OBR."""
+    good = build_oru(
+        control_id(),
+        "TAKECARE|X",
+        "TC-1",
+        to_bundle(canonical(1), "m"),
+        ("H", "N"),
+        "read",
+        AT,
+        None,
+    ).decode()
+    long_id = good.replace(str(hl7.parse(good)["MSH.F10"]), "6d1f4a52-0000-4e8e-9a57-000000000022")
+    assert any("MSH-10" in p for p in strict_problems(long_id))
+    no_obr = "\r".join(s for s in good.split("\r") if not s.startswith("OBR"))
+    assert strict_problems(no_obr)
+
+
+_text = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc")) | st.sampled_from("|^~\\&\n\r"),
+    max_size=300,
+)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    app=_text,
+    facility=_text,
+    original=_text,
+    name=_text,
+    actor=st.none() | st.tuples(_text, _text),
+    family=_text,
+    state=st.sampled_from(sorted(REPORTED)),
+)
+def test_any_receipt_content_passes_strict_validation(
+    app: str,
+    facility: str,
+    original: str,
+    name: str,
+    actor: tuple[str, str] | None,
+    family: str,
+    state: str,
+) -> None:
+    bundle = to_bundle(replace(canonical(2), family=family), "m")
+    oru = build_oru(
+        control_id(), f"{app}|{facility}", original, bundle, (HOME_CARE, name), state, AT, actor
+    ).decode("utf-8")
+    assert strict_problems(oru) == []
+    assert len(hl7.parse(oru)) == len(oru.rstrip("\r").split("\r"))

@@ -1,11 +1,11 @@
 """The HL7 v2 channel: the Bundle rendered as HL7 v2.5 (mappings/hl7v2/outbound.toml), sent
 over MLLP to ``host:port``, answered by an ACK on the same connection (original mode).
 
-MSH-10 is the delivery's dedup key, the same on every resend, so the receiver recognises a
-resend. MSA-1 AA/CA: the application took it (RECEIVED). AE/CE: it refused this message
-(rejected; the next channel is tried). AR/CR, no answer, a refused connection or a timeout:
-unavailable, resent later. Details carry ACK codes and the receiver's text with every trace
-of the patient masked.
+MSH-10 is derived from the delivery's dedup key (20 characters, the version's limit), the
+same on every resend, so the receiver recognises a resend. MSA-1 AA/CA: the application took
+it (RECEIVED). AE/CE: it refused this message (rejected; the next channel is tried). AR/CR,
+no answer, a refused connection or a timeout: unavailable, resent later. Details carry ACK
+codes and the receiver's text with every trace of the patient masked.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import asyncio
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from adapters.hl7v2.render import render
+from adapters.hl7v2.render import render, stable_control_id
 from adapters.takecare.ack import parse_ack
 from adapters.takecare.mllp import send
 from gateway.pipeline.channel_text import outside_text
@@ -75,7 +75,7 @@ class Hl7v2MllpChannel:
             ) from None
         why = outside_text(text, ctx.bundle)
         suffix = f": {why}" if why else ""
-        if control_id and control_id != ctx.dedup_key:
+        if control_id and control_id != stable_control_id(ctx.dedup_key):
             raise ChannelUnavailable("HL7-mottagarens ACK gällde ett annat meddelande (MSA-2)")
         if code in ("AA", "CA"):
             return Outcome(State.RECEIVED, f"Mottagarens system tog emot meddelandet (HL7 {code})")

@@ -25,15 +25,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from adapters.hl7v2.render import cut, default_mapping
 from adapters.takecare import mllp
-from adapters.takecare.ack import build_ack, escape, parse_ack
+from adapters.takecare.ack import build_ack, control_id, escape, parse_ack
 from adapters.takecare.hl7in import Hl7Rejection, parse
 from gateway import clock
 from gateway.bus import topics
 from gateway.bus.topics import Event
 from gateway.clock import STOCKHOLM
 from gateway.logs import error_fields
-from gateway.model.bundle import read_bundle
+from gateway.model.bundle import read_bundle, resources_by_ref
 from gateway.pipeline.stage import Stage
 from gateway.settings import Settings
 from gateway.store.db import Database
@@ -78,6 +79,15 @@ def _ts(at: datetime) -> str:
     return at.astimezone(STOCKHOLM).strftime("%Y%m%d%H%M%S%z")
 
 
+IS = 20  # the v2.5 length of an IS value: MSH-5/6 hold TakeCare's own HD.1 (IS)
+
+
+def _fit(segment: str, field: int, value: str, component: int | None = None) -> str:
+    """An escaped field within the v2.5 length (mappings/hl7v2/lengths.toml), and within
+    ``component`` when the whole field is one component of a shorter data type."""
+    return cut(cut(value, component), default_mapping().max_length(segment, field))
+
+
 def build_oru(
     notification_id: str,
     source: str,
@@ -88,21 +98,30 @@ def build_oru(
     at: datetime,
     actor: tuple[str, str] | None,
 ) -> bytes:
-    """The ORU^R01 that tells TakeCare one recipient's state of one of its messages."""
+    """The ORU^R01 (v2.5) that tells TakeCare one recipient's state of one of its messages.
+
+    ``notification_id`` is MSH-10, so at most 20 characters (``ack.control_id()``). Fields
+    from outside (TakeCare's MSH-3/4 and MSH-10) are cut to the version's lengths.
+    """
     app, _, facility = source.partition("|")
     view = read_bundle(bundle)
-    patient = bundle["entry"][1]["resource"]
+    patient = resources_by_ref(bundle).get("Patient/patient", {})
     system = patient.get("identifier", [{}])[0].get("system", "")
     id_type = ID_TYPES.get(system.rsplit("/", 1)[-1], "")
+    names = (patient.get("name") or [{}])[0]
+    pid5 = f"{_esc(names.get('family', ''))}^{_esc(' '.join(names.get('given', [])))}^^^^^L"
     hsa, name = recipient
     status = REPORTED[state]
     local = at.astimezone(STOCKHOLM).strftime("%Y-%m-%d %H:%M")
     summary = f"{name}: {status} {local}" + (f" av {actor[0]} ({actor[1]})" if actor else "")
+    to_app, to_facility = _fit("MSH", 5, _esc(app), IS), _fit("MSH", 6, _esc(facility), IS)
     segments = [
-        f"MSH|^~\\&|BRYGGA|BRYGGA|{_esc(app)}|{_esc(facility)}|{_ts(clock.now())}||"
-        f"ORU^R01^ORU_R01|{notification_id}|P|2.5|||AL|NE|SWE|UNICODE UTF-8",
-        f"PID|1||{_esc(view.patient_identifier)}^^^^{id_type}",
-        f"OBR|1|{_esc(original_control_id)}||LUSKVITTENS^Mottagarkvittens LUS^L|||{_ts(at)}",
+        f"MSH|^~\\&|BRYGGA|BRYGGA|{to_app}|{to_facility}|{_ts(clock.now())}||ORU^R01^ORU_R01|"
+        f"{_fit('MSH', 10, notification_id)}|P|2.5|||AL|NE|SWE|UNICODE UTF-8",
+        f"PID|1||{_fit('PID', 3, f'{_esc(view.patient_identifier)}^^^^{id_type}')}||"
+        f"{_fit('PID', 5, pid5)}",
+        f"OBR|1|{_fit('OBR', 2, _esc(original_control_id))}||LUSKVITTENS^Mottagarkvittens LUS^L"
+        f"|||{_ts(at)}",
         f"OBX|1|CE|MOTTAGARE^Mottagare^L||{_esc(hsa)}^{_esc(name)}^HSA||||||F",
         f"OBX|2|ST|STATUS^Status^L||{status}||||||F|||{_ts(at)}",
     ]
@@ -110,7 +129,7 @@ def build_oru(
         segments.append(
             f"OBX|3|ST|UTFORDAV^Utförd av^L||{_esc(actor[0])} ({_esc(actor[1])})||||||F"
         )
-    segments.append(f"NTE|1||{_esc(summary)}")
+    segments.append(f"NTE|1||{_fit('NTE', 3, _esc(summary))}")
     return ("\r".join(segments) + "\r").encode("utf-8")
 
 
@@ -152,7 +171,7 @@ class ReceiptsToTakeCare(Stage):
         ).one()
         if row.source.partition("|")[0] not in self.applications:
             return
-        notification_id = str(uuid.uuid4())
+        notification_id = control_id()  # MSH-10 of the ORU: 20 characters
         actor = (row.actor_name, row.actor_role or "") if row.actor_name else None
         payload = build_oru(
             notification_id,
