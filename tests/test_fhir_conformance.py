@@ -367,3 +367,32 @@ async def test_process_message_answer_names_the_request_header(
     ]
     reports = validate([answer, request])
     assert reports[0].errors == [], reports[0].text()
+
+
+def test_api_consents_pass_the_independent_validator() -> None:
+    """What GET /fhir/Consent returns (gateway/model/consent.py to_fhir), as a collection."""
+    from gateway.model.consent import Actor, ConsentRecord, from_fhir, to_fhir
+
+    entries = []
+    for n, basis in enumerate(sorted(CONSENT_POLICIES)):
+        record = ConsentRecord(
+            f"c-{n}",
+            parse_identity_number(personnummer(4)),
+            basis,
+            "active",
+            AT,
+            (Actor("role", "hemtjanst"), Actor("org", HOME_CARE)),
+            ("lus",),
+            AT,
+            None,
+            None,
+            "SE2321000016-L777",
+            "Utlämnandet skadar inte patienten" if basis == "menprovning" else "",
+        )
+        resource = to_fhir(record)
+        assert resource["policy"] and from_fhir(resource, f"c-{n}", AT) == record
+        entries.append(
+            {"fullUrl": f"urn:uuid:1b4f1c2e-0d1a-4c55-9a3e-2f7e0f0c0a1{n}", "resource": resource}
+        )
+    (report,) = validate([{"resourceType": "Bundle", "type": "collection", "entry": entries}])
+    assert report.errors == [], report.text()

@@ -233,19 +233,19 @@ async def process_message(
             "response.code must be ok, transient-error or fatal-error",
             code="code-invalid",
         )
-    request_id = header.get("id")
-    if not isinstance(request_id, str) or not request_id:
-        return outcome(
-            400,
-            "Bundle.entry[0].resource.id",
-            "the MessageHeader needs an id: the answer's response.identifier names it",
-        )
     delivery_id = response.get("identifier")
     if not isinstance(delivery_id, str):
         return outcome(
             400,
             "Bundle.entry[0].resource.response.identifier",
             "response.identifier must be the id of the delivery (a string)",
+        )
+    request_id = header.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        return outcome(
+            400,
+            "Bundle.entry[0].resource.id",
+            "the MessageHeader needs an id: the answer's response.identifier names it",
         )
     async with request.app.state.db.transaction() as conn:
         row = (

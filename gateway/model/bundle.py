@@ -621,6 +621,11 @@ def bundle_json(bundle: dict[str, Any]) -> str:
     return orjson.dumps(bundle).decode()
 
 
+def consent_policy(basis: str) -> list[dict[str, str]]:
+    """Consent.policy (ppc-1): the Swedish statutes the basis rests on, as riksdagen.se URIs."""
+    return [{"uri": uri} for uri in CONSENT_POLICIES.get(basis, (SFS_LUS,))]
+
+
 def _consent(consent: ConsentBasis, patient: dict[str, str]) -> dict[str, Any]:
     provision = "deny" if consent.basis == "sparr" else "permit"
     resource: dict[str, Any] = {
@@ -637,8 +642,7 @@ def _consent(consent: ConsentBasis, patient: dict[str, str]) -> dict[str, Any]:
         },
         "category": [{"coding": [{"system": CONSENT_BASIS_SYSTEM, "code": consent.basis}]}],
         "patient": patient,
-        # ppc-1: the Swedish legal basis the decision rests on
-        "policy": [{"uri": uri} for uri in CONSENT_POLICIES.get(consent.basis, (SFS_LUS,))],
+        "policy": consent_policy(consent.basis),
         "provision": {"type": provision},
     }
     if consent.decided_at:

@@ -19,7 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from gateway.model.bundle import CONSENT_BASIS_SYSTEM
+from gateway.model.bundle import CONSENT_BASIS_SYSTEM, consent_policy
 from gateway.model.identifiers import (
     HSA_SYSTEM,
     KIND_BY_SYSTEM,
@@ -375,6 +375,7 @@ def to_fhir(record: ConsentRecord, version: int = 1) -> dict[str, Any]:
         "category": [{"coding": [{"system": CONSENT_BASIS_SYSTEM, "code": record.basis}]}],
         "patient": {"identifier": {"system": record.patient.system, "value": record.patient.value}},
         "dateTime": record.recorded_at.isoformat(),
+        "policy": consent_policy(record.basis),  # ppc-1
         "provision": provision,
     }
     if record.performer_hsa_id:
