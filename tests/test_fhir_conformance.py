@@ -396,3 +396,32 @@ def test_api_consents_pass_the_independent_validator() -> None:
         )
     (report,) = validate([{"resourceType": "Bundle", "type": "collection", "entry": entries}])
     assert report.errors == [], report.text()
+
+
+async def test_what_a_recipient_fhir_server_receives_passes() -> None:
+    """Over the real FHIR channel (HTTP to a stand-in server): the Bundle as delivered, with
+    the dedup key as Bundle.id and MessageHeader.id, and a withheld one."""
+    from adapters.fhir.channel import FhirChannelSettings, FhirMessagingChannel
+    from gateway.pipeline.channels import DeliveryContext
+    from gateway.pipeline.ledger import State
+    from tests.standins import FhirReceiver
+
+    channel = FhirMessagingChannel(FhirChannelSettings(timeout_seconds=5))
+    with FhirReceiver() as rx:
+        for n, bundle in enumerate(
+            [to_bundle(full_message()), withhold(to_bundle(full_message()), ["medication"])]
+        ):
+            context = DeliveryContext(
+                delivery_id=f"d-{n}",
+                message_id="m-1",
+                recipient_hsa_id=HOME_CARE,
+                bundle=bundle,
+                address=rx.address,
+                attempt=1,
+                dedup_key=f"d-{n}",
+            )
+            assert (await channel.deliver(context)).state is State.RECEIVED
+        received = list(rx.received)
+    await channel.aclose()
+    assert [b["entry"][0]["resource"]["id"] for b in received] == ["d-0", "d-1"]
+    assert_valid(validate(received), ["delivered", "delivered withheld"])
