@@ -13,6 +13,7 @@ import copy
 import json
 import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from gateway.model.identifiers import (
     HSA_SYSTEM,
     KIND_BY_SYSTEM,
     LOCAL_UNIT_SYSTEM,
+    SYSTEMS,
     IdentifierKind,
     PatientId,
     parse_identity_number,
@@ -425,3 +427,26 @@ async def test_what_a_recipient_fhir_server_receives_passes() -> None:
     await channel.aclose()
     assert [b["entry"][0]["resource"]["id"] for b in received] == ["d-0", "d-1"]
     assert_valid(validate(received), ["delivered", "delivered withheld"])
+
+
+SYSTEMS_RESERV = SYSTEMS[IdentifierKind.RESERVNUMMER]
+STORED = sorted((Path(__file__).parent / "fhir_stored").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", STORED, ids=lambda p: p.stem)
+def test_bundles_stored_before_read_as_the_regenerated_goldens(path: Path) -> None:
+    """Real Bundles of the old layout (not converted here) against today's golden."""
+    old = json.loads(path.read_text("utf-8"))
+    new = json.loads((MAPPINGS_DIR / "takecare" / "golden" / path.name).read_text("utf-8"))
+    was, now = read_bundle(old), read_bundle(new)
+    # the one intended difference: a regional reservnummer's system
+    regional = {"urn:oid:1.2.752.97.3.1.3": SYSTEMS_RESERV}
+    assert was.prior_identifiers == tuple((regional.get(s, s), v) for s, v in now.prior_identifiers)
+    assert replace(was, prior_identifiers=()) == replace(now, prior_identifiers=())
+    for kinds in (["medication"], ["nursing-referral"]):
+        kept = withhold(old, kinds)
+        index = resources_by_ref(kept)
+        refs = re.findall(r'"reference": "([^"]+)"', json.dumps(kept))
+        assert all(resolve(index, r) is not None for r in refs)  # nothing dangles
+        assert read_bundle(kept) == read_bundle(withhold(new, kinds))
+    assert validate([old])[0].errors  # and the independent reader cannot resolve them
