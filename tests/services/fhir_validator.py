@@ -5,17 +5,19 @@ invariant of the R4 StructureDefinitions evaluated by fhirpath.js, and the Bundl
 (every reference resolves inside the Bundle, §2.36.4.1; every entry of a message reachable
 from its MessageHeader). The npm packages are pinned by ``package-lock.json``; ``npm ci``
 installs them once into ``~/.cache/brygga/fhir-validator-<lock hash>`` (offline afterwards).
-One Node process checks a whole list of Bundles (its start, ~3 s, is paid once per call).
+One Node process per test session answers every call (its start, ~4 s, is paid once).
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,14 +71,33 @@ def node_modules() -> Path:
     return modules
 
 
+_node: subprocess.Popen[str] | None = None
+_lock = threading.Lock()
+
+
+def _process() -> subprocess.Popen[str]:
+    global _node
+    if _node is None or _node.poll() is not None:
+        _node = subprocess.Popen(
+            ["node", str(SCRIPT)],
+            env={**os.environ, "NODE_PATH": str(node_modules())},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8",
+        )  # fmt: skip
+        atexit.register(_node.kill)
+    return _node
+
+
 def validate(bundles: list[dict[str, Any]]) -> list[Report]:
     """One report per Bundle, in order."""
-    done = subprocess.run(
-        ["node", str(SCRIPT)],
-        input=json.dumps(bundles),
-        env={**os.environ, "NODE_PATH": str(node_modules())},
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"the FHIR validator failed:\n{done.stderr[-3000:]}")
-    return [Report(r["errors"], r["warnings"]) for r in json.loads(done.stdout)]
+    with _lock:
+        node = _process()
+        assert node.stdin is not None and node.stdout is not None
+        node.stdin.write(json.dumps(bundles) + "\n")
+        node.stdin.flush()
+        line = node.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the FHIR validator stopped (exit code {node.poll()})")
+    answer = json.loads(line)
+    if isinstance(answer, dict):
+        raise RuntimeError(f"the FHIR validator failed:\n{answer['failure']}")
+    return [Report(r["errors"], r["warnings"]) for r in answer]

@@ -8,8 +8,9 @@
 //  3. every literal reference inside the Bundle resolves to an entry (R4 §2.36.4.1);
 //  4. every entry of a message Bundle is reachable from its MessageHeader by references.
 //
-// Input on stdin: a JSON array of Bundles. Output on stdout: a JSON array, one report per
-// Bundle: {"errors": [{"check", "key", "path", "message"}], "warnings": [...]}.
+// Input on stdin: lines, each a JSON array of Bundles. Output on stdout: for each line a line
+// with a JSON array, one report per Bundle: {"errors": [{"check", "key", "path", "message"}],
+// "warnings": [...]}.
 // Dependencies come from NODE_PATH (the npm ci cache, tests/services/fhir_validator.py).
 "use strict";
 
@@ -232,5 +233,16 @@ function checkBundle(bundle) {
   return report;
 }
 
-const input = JSON.parse(fs.readFileSync(0, "utf8"));
-process.stdout.write(JSON.stringify(input.map(checkBundle)));
+// One request per line (a JSON array of Bundles), one answer per line: the schema and the
+// invariants are compiled once, however many requests follow.
+const lines = require("readline").createInterface({ input: process.stdin, terminal: false });
+lines.on("line", (line) => {
+  if (!line.trim()) return;
+  let answer;
+  try {
+    answer = JSON.parse(line).map(checkBundle);
+  } catch (err) {
+    answer = { failure: String(err && err.stack || err) };
+  }
+  process.stdout.write(JSON.stringify(answer) + "\n");
+});
