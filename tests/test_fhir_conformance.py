@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from gateway.api.app import create_app
 from gateway.api.auth import TokenKeys
 from gateway.model.bundle import (
+    CONSENT_BASIS_SYSTEM,
     CONSENT_POLICIES,
     SE_SECURITY_SYSTEM,
     SECURITY_SYSTEM,
@@ -45,6 +46,7 @@ from gateway.model.bundle import (
     to_bundle,
     withhold,
 )
+from gateway.model.consent import PURPOSE_SYSTEM
 from gateway.model.events import LusEvent
 from gateway.model.identifiers import (
     HSA_SYSTEM,
@@ -450,3 +452,19 @@ def test_bundles_stored_before_read_as_the_regenerated_goldens(path: Path) -> No
         assert all(resolve(index, r) is not None for r in refs)  # nothing dangles
         assert read_bundle(kept) == read_bundle(withhold(new, kinds))
     assert validate([old])[0].errors  # and the independent reader cannot resolve them
+
+
+def test_a_consent_for_a_regional_reservnummer_keeps_its_system() -> None:
+    from gateway.model.consent import from_fhir, to_fhir
+
+    regional = "urn:oid:1.2.752.97.3.1.3"
+    resource = {
+        "resourceType": "Consent",
+        "status": "active",
+        "category": [{"coding": [{"system": CONSENT_BASIS_SYSTEM, "code": "samtycke"}]}],
+        "patient": {"identifier": {"system": regional, "value": "RES-1234"}},
+        "provision": {"purpose": [{"system": PURPOSE_SYSTEM, "code": "lus"}]},
+    }
+    record = from_fhir(resource, "c-9", AT)
+    assert record.patient == parse_reservnummer("RES-1234")  # the same patient key
+    assert to_fhir(record)["patient"]["identifier"]["system"] == regional
