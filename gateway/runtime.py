@@ -199,7 +199,7 @@ class Gateway:
                 self._spawn(loop, f"{name}:background")
             self._started.add(name)
         if "intake" in self.stages:
-            ctx = sources.SourceContext(s, Intake(db, _required(keyer)))
+            ctx = sources.SourceContext(s, Intake(db, _required(keyer), s.fhir_endpoint))
             for source in sources.discover():
                 await source.start(ctx)
                 self.sources.append(source)

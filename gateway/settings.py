@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     )
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    public_base_url: str | None = Field(
+        None,
+        description="The gateway's HTTP address as recipients reach it (e.g. "
+        "https://brygga.region.se); MessageHeader.source.endpoint is it + /fhir. Default: "
+        "http(s)://http_host:http_port.",
+    )
     http_max_body_bytes: int = Field(
         5 * 1024 * 1024, ge=1, description="Larger HTTP request bodies are refused with 413."
     )
@@ -263,6 +269,12 @@ class Settings(BaseSettings):
     @property
     def http_scheme(self) -> str:
         return "https" if self.http_tls_cert else "http"
+
+    @property
+    def fhir_endpoint(self) -> str:
+        """MessageHeader.source.endpoint: the FHIR base that answers ($process-message)."""
+        base = self.public_base_url or f"{self.http_scheme}://{self.http_host}:{self.http_port}"
+        return base.rstrip("/") + "/fhir"
 
     @property
     def keys_dir(self) -> Path:

@@ -21,7 +21,15 @@ from sqlalchemy import select
 from gateway.api.app import create_app
 from gateway.api.auth import TokenKeys
 from gateway.directory import Directory, Endpoint, Hours, Municipality, Organisation
-from gateway.model.bundle import Attachment, CareParty, Coding, Document, MedicationEntry
+from gateway.model.bundle import (
+    Attachment,
+    CareParty,
+    Coding,
+    Document,
+    MedicationEntry,
+    resolve,
+    resources_by_ref,
+)
 from gateway.model.events import LusEvent
 from gateway.pipeline import views
 from gateway.pipeline.channels import (
@@ -475,7 +483,10 @@ async def test_content_reaches_the_nurse_and_devices_reach_rehab_but_not_needs_a
         for e in seen.json()["bundle"]["entry"]
         if e["resource"]["resourceType"] == "MessageHeader"
     )
-    assert all("DocumentReference" not in f["reference"] for f in header.get("focus", []))
+    index = resources_by_ref(seen.json()["bundle"])
+    focus = [resolve(index, f) for f in header.get("focus", [])]
+    assert focus and None not in focus  # every focus resolves: none names a withheld entry
+    assert not {"MedicationStatement", "DocumentReference"} & {r["resourceType"] for r in focus}
 
 
 async def test_a_provider_the_patient_has_is_told_though_the_message_leaves_it_out(

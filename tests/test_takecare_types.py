@@ -25,7 +25,7 @@ from adapters.takecare import hl7in
 from adapters.takecare.ack import build_ack
 from adapters.takecare.hl7in import Hl7Rejection, parse
 from adapters.takecare.mapping import TakeCareMapping, load_mapping
-from gateway.model.bundle import read_bundle, to_bundle, validate_bundle
+from gateway.model.bundle import read_bundle, resolve, resources_by_ref, to_bundle, validate_bundle
 from gateway.model.events import LusEvent
 from gateway.model.identifiers import IdentifierKind
 from gateway.store.db import Database
@@ -527,10 +527,13 @@ def test_facility_override_applies_to_that_sender_only() -> None:
 def test_referral_to_rehab_reaches_rehab() -> None:
     bundle = _bundle((GOLDEN / "ref_i12_rehab.hl7").read_bytes())
     (request,) = _resources(bundle, "ServiceRequest")
-    assert request["performer"] == [{"reference": "Organization/org-se2321000016-r040"}]
+    index = resources_by_ref(bundle)
+    (performer,) = [resolve(index, r) for r in request["performer"]]
+    assert performer is index["Organization/org-se2321000016-r040"]
     assert request["reasonCode"][0]["text"].startswith("Gångträning")
     (careplan,) = _resources(bundle, "CarePlan")
-    assert careplan["activity"] == [{"reference": {"reference": "ServiceRequest/referral"}}]
+    (activity,) = careplan["activity"]
+    assert resolve(index, activity["reference"]) is request
     view = read_bundle(bundle)
     assert [(p.role, p.hsa_id) for p in view.parties] == [
         ("listed-clinic", "SE2321000016-V010"),

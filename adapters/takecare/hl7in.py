@@ -732,7 +732,7 @@ def _identifiers(
             continue  # a foreign identifier (hospital MRN, other country): not ours to key on
         try:
             if kind is IdentifierKind.RESERVNUMMER:
-                patient_id = parse_reservnummer(value)
+                patient_id = parse_reservnummer(value, uid or ns)
             else:
                 patient_id = parse_identity_number(value)
         except InvalidIdentifier as exc:

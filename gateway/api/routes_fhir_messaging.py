@@ -23,7 +23,7 @@ from sqlalchemy import select
 from gateway import audit, clock
 from gateway.api.policy import Grant, allow
 from gateway.api.routes_consent import EXAMPLE_OUTCOME, FHIR_JSON, outcome
-from gateway.model.bundle import BRYGGA_SOURCE_ENDPOINT
+from gateway.model.bundle import DEFAULT_SOURCE_ENDPOINT
 from gateway.model.events import LUS_EVENT_SYSTEM
 from gateway.model.identifiers import HSA_SYSTEM
 from gateway.pipeline import ledger
@@ -127,9 +127,13 @@ UNKNOWN = {
 }
 
 
-def _acknowledgement(request_id: str, event: dict[str, Any]) -> dict[str, Any]:
+def _acknowledgement(
+    request_id: str, event: dict[str, Any], endpoint: str = DEFAULT_SOURCE_ENDPOINT
+) -> dict[str, Any]:
     """The gateway's answer: a response message (MessageHeader.response ``ok``) to the
-    caller's response message."""
+    caller's response message. ``request_id`` is the request's MessageHeader.id (R4:
+    response.identifier), ``endpoint`` the gateway's FHIR base as the caller reached it."""
+    assert request_id, "a response names its request"
     header_id = str(uuid.uuid4())
     return {
         "resourceType": "Bundle",
@@ -143,7 +147,7 @@ def _acknowledgement(request_id: str, event: dict[str, Any]) -> dict[str, Any]:
                     "resourceType": "MessageHeader",
                     "id": header_id,
                     "eventCoding": event,
-                    "source": {"endpoint": BRYGGA_SOURCE_ENDPOINT},
+                    "source": {"endpoint": endpoint},
                     "response": {"identifier": request_id, "code": "ok"},
                 },
             }
@@ -152,7 +156,8 @@ def _acknowledgement(request_id: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 EXAMPLE_ANSWER = _acknowledgement(
-    str(EXAMPLE_RESPONSE["id"]), EXAMPLE_RESPONSE["entry"][0]["resource"]["eventCoding"]
+    str(EXAMPLE_RESPONSE["entry"][0]["resource"]["id"]),
+    EXAMPLE_RESPONSE["entry"][0]["resource"]["eventCoding"],
 )
 EXAMPLE_ANSWER["timestamp"] = "2026-11-23T09:02:01+00:00"
 
@@ -235,6 +240,13 @@ async def process_message(
             "Bundle.entry[0].resource.response.identifier",
             "response.identifier must be the id of the delivery (a string)",
         )
+    request_id = header.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        return outcome(
+            400,
+            "Bundle.entry[0].resource.id",
+            "the MessageHeader needs an id: the answer's response.identifier names it",
+        )
     async with request.app.state.db.transaction() as conn:
         row = (
             await conn.execute(
@@ -284,8 +296,9 @@ async def process_message(
         )
     return JSONResponse(
         _acknowledgement(
-            str(bundle.get("id") or header.get("id") or ""),
+            request_id,
             header.get("eventCoding") or {"system": LUS_EVENT_SYSTEM},
+            str(request.base_url).rstrip("/") + "/fhir",
         ),
         media_type=FHIR_JSON,
     )

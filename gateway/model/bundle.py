@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import html
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -20,16 +21,53 @@ import orjson
 from gateway.model.events import LUS_EVENT_SYSTEM, LusEvent
 from gateway.model.identifiers import (
     HSA_SYSTEM,
+    LOCAL_UNIT_SYSTEM,
     SYSTEMS,
     IdentifierKind,
     PatientId,
+    is_hsa_id,
+    local_identifier_system,
     local_unit_system,
 )
 
-BRYGGA_SOURCE_ENDPOINT = "urn:brygga:gateway"
+# MessageHeader.source.endpoint: where answers reach the gateway (its FHIR base; a response
+# message goes to ``{endpoint}/$process-message``). The default is the default Settings'
+# HTTP address; the running gateway passes Settings.fhir_endpoint.
+DEFAULT_SOURCE_ENDPOINT = "http://127.0.0.1:8080/fhir"
+BRYGGA_SOURCE_ENDPOINT = DEFAULT_SOURCE_ENDPOINT
 CONSENT_BASIS_SYSTEM = "https://brygga.dev/fhir/CodeSystem/consent-basis"
 CARE_ROLE_SYSTEM = "https://brygga.dev/fhir/CodeSystem/care-role"
+# hl7se.fhir.base SecurityLabelCS: Patient.meta.security of a protected identity.
+SE_SECURITY_SYSTEM = "http://hl7.se/fhir/ig/base/CodeSystem/SecurityLabel"
+SEKRETESSMARKERING = "sekretessmarkering"
+SKYDDAD_FOLKBOKFORING = "skyddadFolkbokforing"
+# Bundles stored before hl7se labels carry v3-Confidentiality "R"; still read as protected.
 SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+_PROTECTED = {
+    (SE_SECURITY_SYSTEM, SEKRETESSMARKERING),
+    (SE_SECURITY_SYSTEM, SKYDDAD_FOLKBOKFORING),
+    (SECURITY_SYSTEM, "R"),
+}
+V2_0203_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
+# The legal basis of a Consent (ppc-1: policy or policyRule), as the Swedish statutes at
+# riksdagen.se (docs/decisions/0015-fhir-references-and-hl7se.md).
+SFS_LUS = (
+    "https://www.riksdagen.se/sv/dokument-och-lagar/dokument/svensk-forfattningssamling/"
+    "lag-2017612-om-samverkan-vid-utskrivning-fran_sfs-2017-612/"
+)
+SFS_PDL = (
+    "https://www.riksdagen.se/sv/dokument-och-lagar/dokument/svensk-forfattningssamling/"
+    "patientdatalag-2008355_sfs-2008-355/"
+)
+SFS_OSL = (
+    "https://www.riksdagen.se/sv/dokument-och-lagar/dokument/svensk-forfattningssamling/"
+    "offentlighets-och-sekretesslag-2009400_sfs-2009-400/"
+)
+CONSENT_POLICIES: dict[str, tuple[str, ...]] = {
+    "samtycke": (SFS_LUS, SFS_PDL),  # the patient's consent (PDL 6 kap., LUS 3 kap.)
+    "menprovning": (SFS_LUS, SFS_OSL),  # disclosure after menprövning, OSL 25 kap. 1 §
+    "sparr": (SFS_LUS, SFS_PDL),  # the patient's block (spärr), PDL 4 kap. 4 § / 6 kap. 2 §
+}
 DISCHARGE_DISPOSITION_SYSTEM = "http://terminology.hl7.org/CodeSystem/discharge-disposition"
 DIAGNOSIS_ROLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
 CONDITION_CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-category"
@@ -174,11 +212,25 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def _org(hsa_id: str, name: str) -> dict[str, Any]:
+Ref = Callable[[dict[str, Any]], dict[str, str]]
+
+
+def _org(code: str, name: str, issuer: str = "") -> dict[str, Any]:
+    """An Organization: the HSA system (typed PRN, as SEBaseOrganization's hsaid slice) only
+    for an HSA-id; any other code (an unmapped MSH-4) under a local system of its issuer."""
+    ident: dict[str, Any]
+    if is_hsa_id(code):
+        ident = {
+            "type": {"coding": [{"system": V2_0203_SYSTEM, "code": "PRN"}]},
+            "system": HSA_SYSTEM,
+            "value": code,
+        }
+    else:
+        ident = {"system": local_unit_system(issuer), "value": code}
     org: dict[str, Any] = {
         "resourceType": "Organization",
-        "id": _org_id(hsa_id),
-        "identifier": [{"system": HSA_SYSTEM, "value": hsa_id}],
+        "id": _org_id(code),
+        "identifier": [ident],
     }
     if name:
         org["name"] = name
@@ -191,20 +243,42 @@ def _org_id(hsa_id: str) -> str:
     return "org-" + "".join(c if c.isascii() and c.isalnum() else "-" for c in hsa_id).lower()
 
 
-def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str, Any]:
-    """Render the canonical message as a FHIR R4 ``Bundle`` of type ``message`` (JSON dict)."""
+def _narrative(*lines: str) -> dict[str, str]:
+    """A generated narrative (Swedish) for a human reader: one paragraph per line, escaped."""
+    body = "".join(f"<p>{html.escape(line, quote=False)}</p>" for line in lines if line)
+    return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>'}
+
+
+def to_bundle(
+    msg: CanonicalMessage,
+    message_id: str | None = None,
+    source_endpoint: str = DEFAULT_SOURCE_ENDPOINT,
+) -> dict[str, Any]:
+    """Render the canonical message as a FHIR R4 ``Bundle`` of type ``message`` (JSON dict).
+
+    Every reference is the target's ``urn:uuid`` fullUrl (R4 §2.36.4.1), and every entry is
+    reachable from MessageHeader (focus, sender) through references.
+    """
     message_id = message_id or str(uuid.uuid4())
-    orgs: dict[str, dict[str, Any]] = {msg.sender_hsa_id: _org(msg.sender_hsa_id, msg.sender_name)}
+
+    def ref(resource: dict[str, Any]) -> dict[str, str]:
+        return {"reference": _full_url(message_id, resource)}
+
+    def org_ref(code: str) -> dict[str, str]:
+        return ref({"resourceType": "Organization", "id": _org_id(code)})
+
+    sender = msg.sender_hsa_id
+    orgs: dict[str, dict[str, Any]] = {sender: _org(sender, msg.sender_name)}
     parties = ([msg.listed_clinic] if msg.listed_clinic else []) + msg.care_parties
     if msg.referral:
         parties.append(msg.referral.to)
     for party in parties:
-        orgs.setdefault(party.hsa_id, _org(party.hsa_id, party.name))
+        orgs.setdefault(party.hsa_id, _org(party.hsa_id, party.name, sender))
 
     patient: dict[str, Any] = {
         "resourceType": "Patient",
         "id": "patient",
-        "identifier": [{"system": p.system, "value": p.value} for p in msg.patient_ids],
+        "identifier": [{"system": p.fhir_system, "value": p.value} for p in msg.patient_ids],
         "gender": msg.gender,
     }
     if msg.family or msg.given:
@@ -212,11 +286,18 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
     if msg.birth_date:
         patient["birthDate"] = msg.birth_date
     if msg.listed_clinic:
-        patient["generalPractitioner"] = [
-            {"reference": f"Organization/{_org_id(msg.listed_clinic.hsa_id)}"}
-        ]
+        patient["generalPractitioner"] = [org_ref(msg.listed_clinic.hsa_id)]
     if msg.protected_identity:
-        patient["meta"] = {"security": [{"system": SECURITY_SYSTEM, "code": "R"}]}
+        patient["meta"] = {
+            "security": [
+                {
+                    "system": SE_SECURITY_SYSTEM,
+                    "code": SEKRETESSMARKERING,
+                    "display": "Sekretessmarkering",
+                }
+            ]
+        }
+    subject = ref(patient)
 
     encounter: dict[str, Any] = {
         "resourceType": "Encounter",
@@ -226,11 +307,13 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
             "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
             "code": msg.encounter_class,
         },
-        "subject": {"reference": "Patient/patient"},
-        "serviceProvider": {"reference": f"Organization/{_org_id(msg.sender_hsa_id)}"},
+        "subject": subject,
+        "serviceProvider": org_ref(sender),
     }
     if msg.encounter_id:
-        encounter["identifier"] = [{"value": msg.encounter_id}]
+        encounter["identifier"] = [
+            {"system": local_identifier_system("encounter", sender), "value": msg.encounter_id}
+        ]
     if msg.admitted_at:
         encounter["period"] = {"start": _iso(msg.admitted_at)}
     if msg.discharged_at:
@@ -256,6 +339,7 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
         encounter["location"] = [
             {"location": {"identifier": {"system": system, "value": msg.ward_code}}}
         ]
+    enc_ref = ref(encounter)
 
     header: dict[str, Any] = {
         "resourceType": "MessageHeader",
@@ -265,46 +349,58 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
             "code": msg.event.value,
             "display": msg.event.display,
         },
-        "source": {"endpoint": BRYGGA_SOURCE_ENDPOINT},
-        "sender": {"reference": f"Organization/{_org_id(msg.sender_hsa_id)}"},
-        "focus": [{"reference": "Encounter/encounter"}],
+        "source": {"endpoint": source_endpoint},
+        "sender": org_ref(sender),
+        "focus": [enc_ref],
     }
 
     resources: list[dict[str, Any]] = [header, patient, encounter, *orgs.values()]
+    careteam: dict[str, Any] | None = None
     if msg.care_parties:
-        resources.append(
-            {
-                "resourceType": "CareTeam",
-                "id": "careteam",
-                "status": "active",
-                "subject": {"reference": "Patient/patient"},
-                "participant": [
-                    {
-                        "role": [{"coding": [{"system": CARE_ROLE_SYSTEM, "code": p.role}]}],
-                        "member": {"reference": f"Organization/{_org_id(p.hsa_id)}"},
-                    }
-                    for p in msg.care_parties
-                ],
-            }
-        )
+        careteam = {
+            "resourceType": "CareTeam",
+            "id": "careteam",
+            "status": "active",
+            "subject": subject,
+            "participant": [
+                {
+                    "role": [{"coding": [{"system": CARE_ROLE_SYSTEM, "code": p.role}]}],
+                    "member": org_ref(p.hsa_id),
+                }
+                for p in msg.care_parties
+            ],
+        }
+        resources.append(careteam)
+        header["focus"].append(ref(careteam))  # who serves the patient: the receiver needs it
     if msg.event.has_careplan:
         careplan: dict[str, Any] = {
             "resourceType": "CarePlan",
             "id": "careplan",
             "status": "active",
             "intent": "plan",
-            "subject": {"reference": "Patient/patient"},
-            "encounter": {"reference": "Encounter/encounter"},
+            "subject": subject,
+            "encounter": enc_ref,
         }
+        if careteam is not None:
+            careplan["careTeam"] = [ref(careteam)]
         if msg.expected_discharge:
             careplan["period"] = {"end": _iso(msg.expected_discharge)}
         if msg.note:
             careplan["note"] = [{"text": msg.note}]
+        careplan["text"] = _narrative(
+            f"Planering inför utskrivning: {msg.event.display}",
+            f"Beräknat utskrivningsdatum: {msg.expected_discharge.date().isoformat()}"
+            if msg.expected_discharge
+            else "",
+            msg.note,
+        )
         resources.append(careplan)
-        header["focus"].append({"reference": "CarePlan/careplan"})
+        header["focus"].append(ref(careplan))
     if msg.consent:
-        resources.append(_consent(msg.consent))
-    _clinical(msg, resources, header, encounter, patient)
+        consent = _consent(msg.consent, subject)
+        resources.append(consent)
+        header["focus"].append(ref(consent))
+    _clinical(msg, resources, header, encounter, patient, ref, org_ref)
 
     return {
         "resourceType": "Bundle",
@@ -313,10 +409,6 @@ def to_bundle(msg: CanonicalMessage, message_id: str | None = None) -> dict[str,
         "timestamp": _iso(msg.occurred_at),
         "entry": [{"fullUrl": _full_url(message_id, r), "resource": r} for r in resources],
     }
-
-
-def _ref(resource: dict[str, Any]) -> dict[str, str]:
-    return {"reference": f"{resource['resourceType']}/{resource['id']}"}
 
 
 def _coding(coding: Coding) -> dict[str, str]:
@@ -338,19 +430,21 @@ def _clinical(
     header: dict[str, Any],
     encounter: dict[str, Any],
     patient: dict[str, Any],
+    ref: Ref,
+    org_ref: Callable[[str], dict[str, str]],
 ) -> None:
     """Diagnoses, medication list, documents, referral and a merge's prior identity."""
-    subject = {"reference": "Patient/patient"}
-    enc_ref = {"reference": "Encounter/encounter"}
+    subject = ref(patient)
+    enc_ref = ref(encounter)
     if msg.replaces_ids:
         prior = {
             "resourceType": "Patient",
             "id": "patient-prior",
-            "identifier": [{"system": p.system, "value": p.value} for p in msg.replaces_ids],
+            "identifier": [{"system": p.fhir_system, "value": p.value} for p in msg.replaces_ids],
             "active": False,
             "link": [{"other": subject, "type": "replaced-by"}],
         }
-        patient["link"] = [{"other": _ref(prior), "type": "replaces"}]
+        patient["link"] = [{"other": ref(prior), "type": "replaces"}]
         resources.append(prior)
         header["focus"].append(subject)
     diagnosis_list = []
@@ -368,7 +462,7 @@ def _clinical(
         if diag.recorded_at:
             condition["recordedDate"] = _iso(diag.recorded_at)
         resources.append(condition)
-        entry: dict[str, Any] = {"condition": _ref(condition)}
+        entry: dict[str, Any] = {"condition": ref(condition)}
         if diag.use:
             entry["use"] = {"coding": [{"system": DIAGNOSIS_ROLE_SYSTEM, "code": diag.use}]}
         if diag.rank is not None:
@@ -402,19 +496,24 @@ def _clinical(
         if dosage:
             statement["dosage"] = [dosage]
         resources.append(statement)
+        # nothing else references a medication line: the header's focus makes it reachable
+        header["focus"].append(ref(statement))
     for n, doc in enumerate(msg.documents, 1):
-        resources.append(_document(n, doc))
-        header["focus"].append({"reference": f"DocumentReference/document-{n}"})
+        document = _document(n, doc, msg.sender_hsa_id, subject, enc_ref)
+        resources.append(document)
+        header["focus"].append(ref(document))
     if msg.referral:
-        request = _referral(msg.referral, msg.sender_hsa_id)
+        request = _referral(msg.referral, msg.sender_hsa_id, subject, enc_ref, org_ref)
         resources.append(request)
-        header["focus"].append(_ref(request))
+        header["focus"].append(ref(request))
         for res in resources:
             if res["resourceType"] == "CarePlan":
-                res["activity"] = [{"reference": _ref(request)}]
+                res["activity"] = [{"reference": ref(request)}]
 
 
-def _document(n: int, doc: Document) -> dict[str, Any]:
+def _document(
+    n: int, doc: Document, sender: str, subject: dict[str, str], enc_ref: dict[str, str]
+) -> dict[str, Any]:
     attachments = []
     for att in doc.attachments:
         attachment: dict[str, Any] = {"contentType": att.content_type} if att.content_type else {}
@@ -429,6 +528,10 @@ def _document(n: int, doc: Document) -> dict[str, Any]:
     resource: dict[str, Any] = {
         "resourceType": "DocumentReference",
         "id": f"document-{n}",
+        "text": _narrative(
+            f"Dokument: {doc.title}",
+            f"Skapat: {doc.created_at.isoformat()}" if doc.created_at else "",
+        ),
         "status": "current",
         "docStatus": doc.status,
         "type": {
@@ -436,13 +539,16 @@ def _document(n: int, doc: Document) -> dict[str, Any]:
                 {"system": DOCUMENT_TYPE_SYSTEM, "code": doc.type_code, "display": doc.title}
             ]
         },
-        "subject": {"reference": "Patient/patient"},
+        "subject": subject,
         "description": doc.title,
         "content": attachments,
-        "context": {"encounter": [{"reference": "Encounter/encounter"}]},
+        "context": {"encounter": [enc_ref]},
     }
     if doc.identifier:
-        resource["masterIdentifier"] = {"value": doc.identifier}
+        resource["masterIdentifier"] = {
+            "system": local_identifier_system("document", sender),
+            "value": doc.identifier,
+        }
     if doc.flags:
         resource["category"] = [
             {"coding": [{"system": DOCUMENT_FLAG_SYSTEM, "code": flag}]} for flag in doc.flags
@@ -454,23 +560,36 @@ def _document(n: int, doc: Document) -> dict[str, Any]:
     return resource
 
 
-def _referral(ref: Referral, sender_hsa_id: str) -> dict[str, Any]:
+def _referral(
+    ref: Referral,
+    sender_hsa_id: str,
+    subject: dict[str, str],
+    enc_ref: dict[str, str],
+    org_ref: Callable[[str], dict[str, str]],
+) -> dict[str, Any]:
     code: dict[str, Any] = {"coding": [{"system": REFERRAL_TYPE_SYSTEM, "code": ref.type_code}]}
     if ref.type_text:
         code["text"] = ref.type_text
     resource: dict[str, Any] = {
         "resourceType": "ServiceRequest",
         "id": "referral",
+        "text": _narrative(
+            f"Remiss: {ref.type_text or ref.type_code}",
+            f"Till: {ref.to.name or ref.to.hsa_id}",
+            ref.reason,
+        ),
         "status": "active",
         "intent": "order",
         "code": code,
-        "subject": {"reference": "Patient/patient"},
-        "encounter": {"reference": "Encounter/encounter"},
-        "requester": {"reference": f"Organization/{_org_id(sender_hsa_id)}"},
-        "performer": [{"reference": f"Organization/{_org_id(ref.to.hsa_id)}"}],
+        "subject": subject,
+        "encounter": enc_ref,
+        "requester": org_ref(sender_hsa_id),
+        "performer": [org_ref(ref.to.hsa_id)],
     }
     if ref.identifier:
-        resource["identifier"] = [{"value": ref.identifier}]
+        resource["identifier"] = [
+            {"system": local_identifier_system("referral", sender_hsa_id), "value": ref.identifier}
+        ]
     if ref.priority:
         resource["priority"] = ref.priority
     if ref.authored_at:
@@ -489,7 +608,13 @@ def _full_url(message_id: str, resource: dict[str, Any]) -> str:
     Exactly ``uuid.uuid5(NAMESPACE_URL, name)``, computed without building UUID objects:
     on the accept path that halves the cost of ``to_bundle``.
     """
-    name = f"{message_id}/{resource['resourceType']}/{resource['id']}"
+    return _full_url_of(message_id, resource["resourceType"], resource["id"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _full_url_of(message_id: str, rtype: str, rid: str) -> str:
+    # cached: one Bundle asks for the same few references many times
+    name = f"{message_id}/{rtype}/{rid}"
     raw = bytearray(hashlib.sha1(_URL_NAMESPACE + name.encode()).digest()[:16])
     raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
     raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
@@ -502,7 +627,12 @@ def bundle_json(bundle: dict[str, Any]) -> str:
     return orjson.dumps(bundle).decode()
 
 
-def _consent(consent: ConsentBasis) -> dict[str, Any]:
+def consent_policy(basis: str) -> list[dict[str, str]]:
+    """Consent.policy (ppc-1): the Swedish statutes the basis rests on, as riksdagen.se URIs."""
+    return [{"uri": uri} for uri in CONSENT_POLICIES.get(basis, (SFS_LUS,))]
+
+
+def _consent(consent: ConsentBasis, patient: dict[str, str]) -> dict[str, Any]:
     provision = "deny" if consent.basis == "sparr" else "permit"
     resource: dict[str, Any] = {
         "resourceType": "Consent",
@@ -517,7 +647,8 @@ def _consent(consent: ConsentBasis) -> dict[str, Any]:
             ]
         },
         "category": [{"coding": [{"system": CONSENT_BASIS_SYSTEM, "code": consent.basis}]}],
-        "patient": {"reference": "Patient/patient"},
+        "patient": patient,
+        "policy": consent_policy(consent.basis),
         "provision": {"type": provision},
     }
     if consent.decided_at:
@@ -552,18 +683,55 @@ class BundleView:
 
 
 def resources_by_ref(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A Bundle's resources by their ``Type/id`` reference."""
-    return {
-        f"{e['resource']['resourceType']}/{e['resource']['id']}": e["resource"]
-        for e in bundle.get("entry", [])
-    }
+    """A Bundle's resources under every name a reference inside it may use (R4 §2.36.4.1).
+
+    Each entry is indexed by its fullUrl (``urn:uuid:…`` or an absolute URL) and by
+    ``Type/id``, so both Brygga's ``urn:uuid`` references and the ``Type/id`` references of
+    Bundles stored before (or sent by FHIR clients) resolve through the same dict; a
+    relative reference resolves against an absolute fullUrl's base through ``Type/id``.
+    """
+    index: dict[str, dict[str, Any]] = {}
+    for entry in bundle.get("entry", []):
+        resource = entry.get("resource") or {}
+        for name in entry_names(entry):
+            index.setdefault(name, resource)
+    return index
+
+
+def entry_names(entry: dict[str, Any]) -> list[str]:
+    """The names a reference may give an entry by: its fullUrl and its ``Type/id``."""
+    resource = entry.get("resource") or {}
+    names = [str(entry["fullUrl"])] if entry.get("fullUrl") else []
+    if resource.get("resourceType") and resource.get("id"):
+        names.append(f"{resource['resourceType']}/{resource['id']}")
+    return names
+
+
+def resolve(index: dict[str, dict[str, Any]], reference: Any) -> dict[str, Any] | None:
+    """The resource a Reference (or its string) names in a :func:`resources_by_ref` index.
+
+    An absolute URL not itself a fullUrl resolves by its trailing ``Type/id``."""
+    ref = reference.get("reference") if isinstance(reference, dict) else reference
+    if not isinstance(ref, str) or not ref:
+        return None
+    found = index.get(ref)
+    if found is None and "://" in ref:
+        parts = ref.split("/")
+        found = index.get("/".join(parts[-2:]))
+    return found
 
 
 def _hsa_of(org: dict[str, Any] | None) -> str:
+    """The unit's HSA-id; for a unit known only by a local code (an unmapped sending
+    facility), that code: routing and escalation key on it as they did before."""
+    local = ""
     for ident in (org or {}).get("identifier", []):
-        if ident.get("system") == HSA_SYSTEM:
+        system = str(ident.get("system", ""))
+        if system == HSA_SYSTEM:
             return str(ident["value"])
-    return ""
+        if not local and system.startswith(LOCAL_UNIT_SYSTEM):
+            local = str(ident.get("value", ""))
+    return local
 
 
 def read_bundle(bundle: dict[str, Any]) -> BundleView:
@@ -573,10 +741,10 @@ def read_bundle(bundle: dict[str, Any]) -> BundleView:
     patient = res.get("Patient/patient", {})
     parties: list[CareParty] = []
     for ref in patient.get("generalPractitioner", []):
-        org = res.get(ref["reference"])
+        org = resolve(res, ref)
         parties.append(CareParty("listed-clinic", _hsa_of(org), (org or {}).get("name", "")))
     for participant in res.get("CareTeam/careteam", {}).get("participant", []):
-        org = res.get(participant["member"]["reference"])
+        org = resolve(res, participant["member"])
         role = participant["role"][0]["coding"][0]["code"]
         parties.append(CareParty(role, _hsa_of(org), (org or {}).get("name", "")))
     consent = res.get("Consent/consent")
@@ -597,7 +765,7 @@ def read_bundle(bundle: dict[str, Any]) -> BundleView:
     flags = {
         coding.get("code")
         for key, resource in res.items()
-        if key.startswith("DocumentReference/")
+        if key.startswith("DocumentReference/")  # each entry once: by its Type/id
         for category in resource.get("category", [])
         for coding in category.get("coding", [])
         if coding.get("system") == DOCUMENT_FLAG_SYSTEM
@@ -606,10 +774,10 @@ def read_bundle(bundle: dict[str, Any]) -> BundleView:
     return BundleView(
         message_id=bundle["id"],
         event=LusEvent(header["eventCoding"]["code"]),
-        sender_hsa_id=_hsa_of(res.get(header["sender"]["reference"])),
+        sender_hsa_id=_hsa_of(resolve(res, header["sender"])),
         parties=parties,
         consent_basis=basis,
-        protected_identity=any(s.get("code") == "R" for s in security),
+        protected_identity=any((s.get("system"), s.get("code")) in _PROTECTED for s in security),
         patient_name=name,
         patient_identifier=str(idents[0].get("value", "")),
         encounter_id=str((encounter.get("identifier") or [{}])[0].get("value", "")),
@@ -654,28 +822,23 @@ def withhold(bundle: dict[str, Any], kinds: Iterable[str]) -> dict[str, Any]:
     drop = frozenset(kinds)
     if not drop:
         return bundle
-    gone = {
-        f"{e['resource']['resourceType']}/{e['resource']['id']}"
-        for e in bundle.get("entry", [])
-        if _carries(e["resource"], drop)
-    }
+    entries = bundle.get("entry", [])
+    gone = {name for e in entries if _carries(e["resource"], drop) for name in entry_names(e)}
     if not gone:
         return bundle
+
+    def dropped(value: Any) -> bool:
+        ref = value.get("reference") if isinstance(value, dict) else None
+        return isinstance(ref, str) and ref in gone
 
     def scrub(node: Any) -> Any:
         if isinstance(node, dict):
             return {k: scrub(v) for k, v in node.items()}
         if isinstance(node, list):
-            return [
-                scrub(v) for v in node if not (isinstance(v, dict) and v.get("reference") in gone)
-            ]
+            return [scrub(v) for v in node if not dropped(v)]
         return node
 
-    kept = [
-        e
-        for e in bundle.get("entry", [])
-        if f"{e['resource']['resourceType']}/{e['resource']['id']}" not in gone
-    ]
+    kept = [e for e in entries if not gone.intersection(entry_names(e))]
     return scrub({**bundle, "entry": kept})  # type: ignore[no-any-return]
 
 
@@ -699,6 +862,8 @@ __all__ = [
     "MedicationEntry",
     "Referral",
     "read_bundle",
+    "resolve",
+    "resources_by_ref",
     "to_bundle",
     "validate_bundle",
 ]

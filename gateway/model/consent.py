@@ -19,11 +19,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from gateway.model.bundle import CONSENT_BASIS_SYSTEM
+from gateway.model.bundle import CONSENT_BASIS_SYSTEM, consent_policy
 from gateway.model.identifiers import (
     HSA_SYSTEM,
     KIND_BY_SYSTEM,
-    SYSTEMS,
     InvalidIdentifier,
     PatientId,
     is_hsa_id,
@@ -201,12 +200,13 @@ def _patient(resource: dict[str, Any]) -> PatientId:
     kind = KIND_BY_SYSTEM.get(system)
     if kind is None:
         raise ConsentInvalid(
-            "Consent.patient.identifier.system", f"must be one of {sorted(SYSTEMS.values())}"
+            "Consent.patient.identifier.system", f"must be one of {sorted(KIND_BY_SYSTEM)}"
         )
     try:
         pid = parse_patient_id(kind, str(value))
     except InvalidIdentifier as exc:
         raise ConsentInvalid("Consent.patient.identifier.value", str(exc)) from None
+    pid = PatientId.from_fhir(system, pid.value)  # a regional reservnummer keeps its system
     if pid.kind != kind:
         raise ConsentInvalid(
             "Consent.patient.identifier.value", f"is a {pid.kind.value}, not a {kind}"
@@ -373,8 +373,11 @@ def to_fhir(record: ConsentRecord, version: int = 1) -> dict[str, Any]:
         "status": record.status,
         "scope": {"coding": [{"system": SCOPE_SYSTEM, "code": "patient-privacy"}]},
         "category": [{"coding": [{"system": CONSENT_BASIS_SYSTEM, "code": record.basis}]}],
-        "patient": {"identifier": {"system": record.patient.system, "value": record.patient.value}},
+        "patient": {
+            "identifier": {"system": record.patient.fhir_system, "value": record.patient.value}
+        },
         "dateTime": record.recorded_at.isoformat(),
+        "policy": consent_policy(record.basis),  # ppc-1
         "provision": provision,
     }
     if record.performer_hsa_id:

@@ -8,7 +8,7 @@ repeat the identifier itself: an exception text may end up in a log or an ACK.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from enum import StrEnum
 from urllib.parse import quote
@@ -25,8 +25,13 @@ SYSTEMS: dict[IdentifierKind, str] = {
     IdentifierKind.SAMORDNINGSNUMMER: "http://electronichealth.se/identifier/samordningsnummer",
     IdentifierKind.RESERVNUMMER: "http://electronichealth.se/identifier/nationelltReservnummer",
 }
-KIND_BY_SYSTEM: dict[str, IdentifierKind] = {v: k for k, v in SYSTEMS.items()}
 HSA_SYSTEM = "urn:oid:1.2.752.29.4.19"
+# A reservnummer a region assigns is not a national one (hl7se.fhir.base keeps the
+# nationelltReservnummer slice for Skatteverket's): its FHIR system is the region's OID.
+REGIONAL_RESERVNUMMER_OIDS = frozenset({"1.2.752.97.3.1.3"})  # Region Stockholm
+KIND_BY_SYSTEM: dict[str, IdentifierKind] = {v: k for k, v in SYSTEMS.items()} | {
+    f"urn:oid:{oid}": IdentifierKind.RESERVNUMMER for oid in REGIONAL_RESERVNUMMER_OIDS
+}
 # A unit code that is not an HSA-id (a TakeCare ward code, an unmapped MSH-4): only its sender
 # knows what it means, so the system names the sender (see local_unit_system).
 LOCAL_UNIT_SYSTEM = "https://brygga.dev/fhir/NamingSystem/local-unit-code"
@@ -44,6 +49,16 @@ HSA_OIDS = frozenset({"1.2.752.29.4.19", "1.2.752.129.2.1.4.1"})
 _PNR = re.compile(r"^([0-9]{8})[-+]?([0-9]{4})$")
 _HSA = re.compile(r"^SE[0-9]{10}-[0-9A-Za-z]{1,31}$")
 _RESERV = re.compile(r"^[0-9A-Za-z-]{4,20}$")
+
+
+LOCAL_IDENTIFIER_SYSTEM = "https://brygga.dev/fhir/NamingSystem/local-identifier"
+
+
+def local_identifier_system(kind: str, issuer: str) -> str:
+    """The system of a sender's own business identifier (visit, document or referral number),
+    scoped by kind and by the sender that issued it: the same number from two senders, or of
+    two kinds, never collides."""
+    return f"{LOCAL_IDENTIFIER_SYSTEM}/{quote(kind, safe='')}/{quote(issuer, safe='')}"
 
 
 def local_unit_system(issuer: str = "") -> str:
@@ -82,10 +97,25 @@ class PatientId:
 
     kind: IdentifierKind
     value: str
+    # The FHIR system when it is not the kind's national one (a regional reservnummer's OID).
+    # Not part of equality: the patient is keyed by kind and value (``system``).
+    issuer_system: str = field(default="", compare=False)
 
     @property
     def system(self) -> str:
+        """The kind's national system: what the patient key and consent records use."""
         return SYSTEMS[self.kind]
+
+    @property
+    def fhir_system(self) -> str:
+        """Identifier.system in a Bundle (hl7se.fhir.base: a region's reservnummer by its OID)."""
+        return self.issuer_system or SYSTEMS[self.kind]
+
+    @classmethod
+    def from_fhir(cls, system: str, value: str) -> PatientId:
+        """A Bundle's identifier back (KIND_BY_SYSTEM must know the system)."""
+        kind = KIND_BY_SYSTEM[system]
+        return cls(kind, value, "" if system == SYSTEMS[kind] else system)
 
     def __repr__(self) -> str:  # never show the number itself
         return f"PatientId(kind={self.kind.value!r}, value=<redacted>)"
@@ -115,12 +145,16 @@ def parse_identity_number(raw: str) -> PatientId:
     return PatientId(kind, digits)
 
 
-def parse_reservnummer(raw: str) -> PatientId:
-    """Reservnummer are assigned locally; letters are allowed and there is no check digit."""
+def parse_reservnummer(raw: str, issuer_oid: str = "") -> PatientId:
+    """Reservnummer are assigned locally; letters are allowed and there is no check digit.
+
+    ``issuer_oid`` (the assigning authority, e.g. CX-4.2) names a regional reservnummer."""
     value = raw.strip()
     if not _RESERV.match(value):
         raise InvalidIdentifier("reservnummer: 4-20 letters, digits or '-' expected")
-    return PatientId(IdentifierKind.RESERVNUMMER, value)
+    oid = issuer_oid.removeprefix("urn:oid:")
+    issuer = f"urn:oid:{oid}" if oid in REGIONAL_RESERVNUMMER_OIDS else ""
+    return PatientId(IdentifierKind.RESERVNUMMER, value, issuer)
 
 
 def parse_patient_id(kind: IdentifierKind, raw: str) -> PatientId:

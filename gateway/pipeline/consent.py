@@ -24,7 +24,7 @@ from gateway.bus.outbox import enqueue
 from gateway.bus.topics import Event
 from gateway.model.bundle import resources_by_ref
 from gateway.model.consent import ConsentRecord
-from gateway.model.identifiers import KIND_BY_SYSTEM, PatientId
+from gateway.model.identifiers import PatientId
 from gateway.pipeline import gate
 from gateway.pipeline.stage import Stage
 from gateway.store.tables import messages
@@ -85,7 +85,7 @@ def carried_consent(
     idents = patient.get("identifier") or []
     if consent is None or not idents:
         return None
-    pid = PatientId(KIND_BY_SYSTEM[idents[0]["system"]], str(idents[0]["value"]))
+    pid = PatientId.from_fhir(idents[0]["system"], str(idents[0]["value"]))
     decided = consent.get("dateTime")
     performer = next(
         (str(p["identifier"]["value"]) for p in consent.get("performer", []) if "identifier" in p),

@@ -21,7 +21,7 @@ from gateway import clock
 from gateway.bus import topics
 from gateway.bus.keys import PatientKeyer
 from gateway.bus.outbox import outbox_row
-from gateway.model.bundle import CanonicalMessage, bundle_json, to_bundle
+from gateway.model.bundle import DEFAULT_SOURCE_ENDPOINT, CanonicalMessage, bundle_json, to_bundle
 from gateway.pipeline.consent import accepted_event
 from gateway.store.batch import BatchWriter
 from gateway.store.db import Database
@@ -59,9 +59,12 @@ class Intake:
 
     MAX_BATCH = 256
 
-    def __init__(self, db: Database, keyer: PatientKeyer) -> None:
+    def __init__(
+        self, db: Database, keyer: PatientKeyer, source_endpoint: str = DEFAULT_SOURCE_ENDPOINT
+    ) -> None:
         self.db = db
         self.keyer = keyer
+        self.source_endpoint = source_endpoint  # MessageHeader.source.endpoint of each Bundle
         self._batches = BatchWriter(db)
         self._queue: list[_Pending] = []
         self._writer: asyncio.Task[None] | None = None
@@ -102,7 +105,7 @@ class Intake:
             "patient_key": patient_key,
             "episode_key": episode_key,
             "raw": raw,
-            "canonical": bundle_json(to_bundle(message, message_id)),
+            "canonical": bundle_json(to_bundle(message, message_id, self.source_endpoint)),
             "ack": reply,
             "status": "accepted",
             "received_at": now,
