@@ -171,6 +171,9 @@ async def test_fhir_consent_create_read_search_withdraw(env) -> None:  # type: i
         "/fhir/Consent", params={"patient:identifier": f"{PNR_SYSTEM}|{pnr}"}, headers=hospital
     )
     assert found.json()["total"] == 1 and found.json()["entry"][0]["resource"]["id"] == body["id"]
+    # a searchset's fullUrl is absolute (R4 Bundle.entry.fullUrl), on the base the caller used
+    base = str(client.base_url).rstrip("/")
+    assert found.json()["entry"][0]["fullUrl"] == f"{base}/fhir/Consent/{body['id']}"
 
     withdrawn = await client.put(
         f"/fhir/Consent/{body['id']}", json={**body, "status": "inactive"}, headers=hospital

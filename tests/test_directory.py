@@ -381,6 +381,8 @@ async def test_a_new_unit_over_the_api_reaches_the_directory(api, db: Database) 
         "/fhir/Organization", params={"identifier": f"{HSA_SYSTEM}|SE5569990000-HT07"}, headers=h
     )
     assert [e["resource"]["id"] for e in found.json()["entry"]] == [org_id]
+    base = str(client.base_url).rstrip("/")  # fullUrl absolute, on the caller's base
+    assert [e["fullUrl"] for e in found.json()["entry"]] == [f"{base}/fhir/Organization/{org_id}"]
     found = await client.get("/fhir/Endpoint", params={"organization": org_id}, headers=h)
     assert {e["resource"]["id"] for e in found.json()["entry"]} == {"ep-new-fax", "ep-new-inbox"}
     found = await client.get(

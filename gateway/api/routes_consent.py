@@ -72,7 +72,12 @@ EXAMPLE_SEARCH = {
     "resourceType": "Bundle",
     "type": "searchset",
     "total": 1,
-    "entry": [{"fullUrl": f"/fhir/Consent/{EXAMPLE_STORED['id']}", "resource": EXAMPLE_STORED}],
+    "entry": [
+        {
+            "fullUrl": f"https://brygga.example/fhir/Consent/{EXAMPLE_STORED['id']}",
+            "resource": EXAMPLE_STORED,
+        }
+    ],
 }
 CREATE_EXAMPLES: dict[str, Any] = {
     "samtycke": {"summary": "Consent for home care and one clinic", "value": EXAMPLE_CONSENT}
@@ -106,6 +111,12 @@ NO_RELATION = (
 def _purpose(who: Grant) -> str:
     """Why a reader reads: an auditor follows up; everyone else coordinates the discharge."""
     return audit.PURPOSE_AUDIT if who.role == "auditor" else audit.PURPOSE_LUS
+
+
+def fhir_base(request: Request) -> str:
+    """The FHIR base the caller used (``…/fhir``): fullUrls and endpoints must be absolute, and
+    only the address the caller reached is sure to be one it can reach again."""
+    return str(request.base_url).rstrip("/") + "/fhir"
 
 
 def outcome(status_code: int, expression: str, text: str, code: str = "invalid") -> JSONResponse:
@@ -306,7 +317,7 @@ async def search_consents(
         "total": len(found),
         "entry": [
             {
-                "fullUrl": f"/fhir/Consent/{s.record.id}",
+                "fullUrl": f"{fhir_base(request)}/Consent/{s.record.id}",
                 "resource": to_fhir(s.record, s.version),
                 "search": {"mode": "match"},
             }

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import audit
 from gateway.api.policy import Grant, allow, may_change_directory
-from gateway.api.routes_consent import FHIR_JSON, outcome
+from gateway.api.routes_consent import FHIR_JSON, fhir_base, outcome
 from gateway.directory import Endpoint, Hours, Organisation
 from gateway.directory import store as directory_store
 from gateway.directory.fhir import FHIR_ID, TYPES, DirectoryInvalid, unit_resources
@@ -299,7 +299,7 @@ def _add_routes(rtype: str) -> None:
                 "total": len(found),
                 "entry": [
                     {
-                        "fullUrl": f"{base}/{s.id}",
+                        "fullUrl": f"{fhir_base(request)}/{rtype}/{s.id}",
                         "resource": s.resource,
                         "search": {"mode": "match"},
                     }

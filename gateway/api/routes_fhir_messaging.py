@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from gateway import audit, clock
 from gateway.api.policy import Grant, allow
-from gateway.api.routes_consent import EXAMPLE_OUTCOME, FHIR_JSON, outcome
+from gateway.api.routes_consent import EXAMPLE_OUTCOME, FHIR_JSON, fhir_base, outcome
 from gateway.model.bundle import DEFAULT_SOURCE_ENDPOINT
 from gateway.model.events import LUS_EVENT_SYSTEM
 from gateway.model.identifiers import HSA_SYSTEM
@@ -298,7 +298,7 @@ async def process_message(
         _acknowledgement(
             request_id,
             header.get("eventCoding") or {"system": LUS_EVENT_SYSTEM},
-            str(request.base_url).rstrip("/") + "/fhir",
+            fhir_base(request),
         ),
         media_type=FHIR_JSON,
     )
