@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from adapters.takecare import hl7in
 from adapters.takecare.ack import build_ack, parse_ack
 from adapters.takecare.hl7in import Hl7Rejection, Inbound, parse
+from adapters.takecare.mappings_cli import parse_case
 from gateway.model.bundle import read_bundle, to_bundle, validate_bundle
 from gateway.model.identifiers import IdentifierKind, local_unit_system
 from mappings import MAPPINGS_DIR
@@ -110,7 +111,7 @@ def test_there_are_golden_cases() -> None:
 
 @pytest.mark.parametrize("path", _golden_cases(), ids=lambda p: p.stem)
 def test_golden(path: Path) -> None:
-    inbound = parse(path.read_bytes())
+    inbound = parse_case(path, hl7in.MAPPING)
     bundle = to_bundle(inbound.canonical, message_id="golden")
     expected_path = path.with_suffix(".json")
     if os.environ.get("BRYGGA_UPDATE_GOLDEN") == "1":

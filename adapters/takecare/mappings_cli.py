@@ -10,18 +10,20 @@ Output names cases, segments and fields, never field values (goldens could hold 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from adapters.takecare.hl7in import Hl7Rejection, parse, present_fields
+from adapters.takecare.hl7in import Hl7Rejection, Inbound, parse, present_fields
 from adapters.takecare.mapping import DEFAULT_DIR, TakeCareMapping, load_mapping
 from gateway.model.bundle import read_bundle, to_bundle, validate_bundle
 
-__all__ = ["CaseResult", "CoverageRow", "app", "coverage", "run_cases"]
+__all__ = ["CaseResult", "CoverageRow", "app", "case_sender", "coverage", "parse_case", "run_cases"]
 
 app = typer.Typer(
     help="Check the TakeCare mappings against their golden cases.", no_args_is_help=True
@@ -82,6 +84,26 @@ def _first_difference(got: Any, want: Any, path: str = "") -> str:
     return "" if got == want else f"{path or '.'}: differs"
 
 
+CONNECTION_FILE = "connection.toml"
+
+
+@functools.cache
+def _connections(golden: Path) -> dict[str, dict[str, str]]:
+    path = golden / CONNECTION_FILE
+    return tomllib.loads(path.read_text("utf-8")) if path.exists() else {}
+
+
+def case_sender(path: Path) -> str:
+    """The sender configured for the connection a golden case arrives on (``connection.toml``
+    beside it, as ``BRYGGA_TAKECARE_SENDER``): what stands in for an empty MSH-4."""
+    return str(_connections(path.parent).get(path.stem, {}).get("sender", ""))
+
+
+def parse_case(path: Path, mapping: TakeCareMapping) -> Inbound:
+    """A golden case parsed as the gateway would on its connection."""
+    return parse(path.read_bytes(), mapping=mapping, default_sender=case_sender(path))
+
+
 def run_cases(golden: Path, mapping: TakeCareMapping, *, update: bool = False) -> list[CaseResult]:
     """Parse each ``*.hl7`` and compare its Bundle with ``*.json`` (``update``: rewrite it)."""
     results: list[CaseResult] = []
@@ -89,7 +111,7 @@ def run_cases(golden: Path, mapping: TakeCareMapping, *, update: bool = False) -
         result = CaseResult(path.stem, ok=False)
         results.append(result)
         try:
-            inbound = parse(path.read_bytes(), mapping=mapping)
+            inbound = parse_case(path, mapping)
         except Hl7Rejection as rej:
             result.detail = f"rejected: {rej}"
             continue
