@@ -20,6 +20,13 @@ class LusEvent(StrEnum):
     MAKULERA_UTSKRIVNING = "makulera-utskrivning"
     MAKULERA_UTSKRIVNINGSKLAR = "makulera-utskrivningsklar"
     PATIENTSAMMANSLAGNING = "patient-sammanslagning"
+    # What comes back: the parties' side of the routine (municipality, primary care, providers).
+    KVITTENS = "kvittens"
+    FAST_VARDKONTAKT = "fast-vardkontakt"
+    SIP_AVBOJD = "sip-avbojd"
+    INFORMATIONSBEGARAN = "informationsbegaran"
+    INFORMATIONSSVAR = "informationssvar"
+    INSATSER_STARTADE = "insatser-startade"
 
     @property
     def display(self) -> str:
@@ -75,6 +82,30 @@ _DISPLAY: dict[LusEvent, tuple[str, str]] = {
         "Patientsammanslagning",
         "Two identities of one patient were merged (HL7 A40): the prior identifier is "
         "replaced by the surviving one. Internal to the gateway; not a LUS message.",
+    ),
+    LusEvent.KVITTENS: (
+        "Kvittens",
+        "A party's receipt of a notice, with the patient's current needs and services.",
+    ),
+    LusEvent.FAST_VARDKONTAKT: (
+        "Fast vårdkontakt",
+        "Primary care names the patient's fast vårdkontakt: name, title, direct phone.",
+    ),
+    LusEvent.SIP_AVBOJD: (
+        "SIP avböjd",
+        "A SIP was offered and the patient declined it.",
+    ),
+    LusEvent.INFORMATIONSBEGARAN: (
+        "Begäran om information",
+        "A party asks another for more information about the patient's stay.",
+    ),
+    LusEvent.INFORMATIONSSVAR: (
+        "Svar på begäran om information",
+        "The answer to a request for more information.",
+    ),
+    LusEvent.INSATSER_STARTADE: (
+        "Insatser startade",
+        "The municipality's services (hemtjänst, SÄBO) started after the discharge.",
     ),
 }
 _WITH_CAREPLAN = frozenset(
