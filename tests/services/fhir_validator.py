@@ -11,8 +11,6 @@ One Node process per test session answers every call (its start, ~4 s, is paid o
 from __future__ import annotations
 
 import atexit
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +19,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.services import cache as services_cache
 
 HERE = Path(__file__).with_name("fhir-validator")
 LOCK = HERE / "package-lock.json"
@@ -44,31 +44,21 @@ class Report:
         )
 
 
-def cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    lock = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:8]  # a changed lock installs anew
-    return base / "brygga" / f"fhir-validator-{lock}"
-
-
 def node_modules() -> Path:
     """The pinned packages, installed with ``npm ci`` on first use (then cached)."""
-    home = cache_dir()
-    modules = home / "node_modules"
-    home.mkdir(parents=True, exist_ok=True)
-    with (home / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two sessions installing at once take turns
-        if not (home / ".complete").exists():
-            shutil.rmtree(modules, ignore_errors=True)
-            for name in ("package.json", "package-lock.json"):
-                shutil.copyfile(HERE / name, home / name)
-            done = subprocess.run(
-                ["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
-                cwd=home, capture_output=True, text=True, timeout=600,
-            )  # fmt: skip
-            if done.returncode != 0:
-                raise RuntimeError(f"npm ci failed for the FHIR validator:\n{done.stderr[-3000:]}")
-            (home / ".complete").touch()
-    return modules
+
+    def install(folder: Path) -> None:
+        for name in ("package.json", "package-lock.json"):
+            shutil.copyfile(HERE / name, folder / name)
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
+            cwd=folder, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"npm ci failed for the FHIR validator:\n{done.stderr[-3000:]}")
+
+    home = services_cache.cache_dir("fhir-validator", LOCK)
+    return services_cache.built(home, "npm", install) / "node_modules"
 
 
 _node: subprocess.Popen[str] | None = None

@@ -24,12 +24,9 @@ three 78 s, the topic script 26 s, a node restart 15 s.
 from __future__ import annotations
 
 import base64
-import fcntl
-import hashlib
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +35,7 @@ import uuid
 from pathlib import Path
 
 from gateway.bus.broker import free_port, kill_with_parent
+from tests.services import cache as services_cache
 
 POM = Path(__file__).with_name("kafka-pom.xml")
 REPO = Path(__file__).resolve().parents[2]
@@ -61,34 +59,24 @@ def kafka_version() -> str:
 
 
 def cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    pom = hashlib.sha256(POM.read_bytes()).hexdigest()[:8]  # a changed pom resolves anew
-    return base / "brygga" / f"kafka-{kafka_version()}-{pom}"
+    return services_cache.cache_dir(f"kafka-{kafka_version()}", POM)
 
 
 def classpath() -> str:
     """The broker's and tools' classpath, resolved with Maven on first use (then cached)."""
-    home = cache_dir()
-    lib = home / "lib"
-    home.mkdir(parents=True, exist_ok=True)
-    with (home / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two sessions resolving at once take turns
-        if not (lib / ".complete").exists():
-            partial = home / "lib.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            done = subprocess.run(
-                [
-                    "mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-                    f"-DoutputDirectory={partial}", "-DincludeScope=runtime",
-                ],
-                capture_output=True, text=True, timeout=900,
-            )  # fmt: skip
-            if done.returncode != 0:
-                raise RuntimeError(f"Maven could not resolve Apache Kafka:\n{done.stdout[-3000:]}")
-            shutil.rmtree(lib, ignore_errors=True)
-            partial.rename(lib)
-            (lib / ".complete").touch()
-    return f"{lib}/*"
+
+    def resolve(folder: Path) -> None:
+        done = subprocess.run(
+            [
+                "mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+                f"-DoutputDirectory={folder}", "-DincludeScope=runtime",
+            ],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"Maven could not resolve Apache Kafka:\n{done.stdout[-3000:]}")
+
+    return f"{services_cache.built(cache_dir(), 'lib', resolve)}/*"
 
 
 def _cluster_id() -> str:
