@@ -63,17 +63,21 @@ async def _send(port: int, *raws: bytes) -> list[tuple[str, str]]:
 
 
 async def test_local_codes_are_accepted_counted_and_logged_once(
-    source: tuple[TakeCareSource, int], db: Database
+    source: tuple[TakeCareSource, int], db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, port = source
-    with structlog.testing.capture_logs() as logs:
-        answers = await _send(
-            port,
-            _message("UC-1", ward=b"GER 12^^^SE2321000016-EX01"),
-            _message("UC-2", ward=b"GER 12"),
-            _message("UC-2", ward=b"GER 12"),  # a resend: the same message, counted once
-            _message("UC-3", facility=b"TCKS", ward=b"G7"),
-        )
+    # the module's own logger, captured: capture_logs() misses a logger another test already
+    # cached (gateway.logs.configure caches loggers on first use)
+    capture = structlog.testing.LogCapture()
+    monkeypatch.setattr(unmapped, "log", structlog.wrap_logger(None, processors=[capture]))
+    logs = capture.entries
+    answers = await _send(
+        port,
+        _message("UC-1", ward=b"GER 12^^^SE2321000016-EX01"),
+        _message("UC-2", ward=b"GER 12"),
+        _message("UC-2", ward=b"GER 12"),  # a resend: the same message, counted once
+        _message("UC-3", facility=b"TCKS", ward=b"G7"),
+    )
     # MSH-15 AL: enhanced mode, the commit ACK is CA
     assert answers == [("CA", "UC-1"), ("CA", "UC-2"), ("CA", "UC-2"), ("CA", "UC-3")]
     async with db.read() as conn:
