@@ -34,13 +34,13 @@ from adapters.takecare.mapping import (
 from adapters.takecare.mapping import codec_for as _codec_for
 from gateway.clock import STOCKHOLM
 from gateway.model.bundle import (
+    EJ_BEDOMD,
     Attachment,
     CanonicalMessage,
     CareParty,
     Coding,
     ConsentBasis,
     Diagnosis,
-    EJ_BEDOMD,
     Document,
     MedicationEntry,
     Referral,
