@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from datetime import datetime, timedelta
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from adapters.takecare.hl7in import MAPPING, Hl7Rejection, parse
+from adapters.takecare.mappings_cli import parse_case
 from gateway import clock
 from gateway.demo import admission
 from gateway.model.bundle import (
@@ -29,9 +31,11 @@ from gateway.model.events import LusEvent
 from gateway.pipeline.lus import NOT_LUS
 from gateway.store.db import Database
 from gateway.store.tables import deliveries, deviations, messages
+from mappings import MAPPINGS_DIR
 from tests.conftest import FixedClock
 from tests.inprocess import HOME_CARE, NIGHT, REHAB, Pipeline, canonical
 
+GOLDEN = MAPPINGS_DIR / "takecare" / "golden"
 CLINIC = "SE2321000016-V010"
 BISTAND = "SE2120001637-B020"
 NOW = datetime(2026, 11, 23, 9, 30, tzinfo=clock.STOCKHOLM)
@@ -103,6 +107,25 @@ def test_an_empty_zlu_2_is_rejected() -> None:
         2,
         101,
     )
+
+
+@pytest.mark.parametrize(
+    ("case", "needs"),
+    [
+        ("adt_a01_lus_social", {SOCIALTJANST}),
+        ("adt_a01_lus_primary", {OPPENVARD}),
+        ("adt_a01_lus_both", set(BOTH)),
+        ("adt_a01_not_lus", {INGA_BEHOV}),
+        ("adt_a01_lus_unmarked_required", {EJ_BEDOMD}),  # connection.toml: required
+        ("adt_a08_lus_marked_required", {SOCIALTJANST}),
+        ("adt_a01_full", None),  # no ZLU on a feed of LUS cases only
+    ],
+)
+def test_the_golden_cases_carry_their_needs(case: str, needs: set[str] | None) -> None:
+    expected = json.loads((GOLDEN / f"{case}.json").read_text("utf-8"))
+    assert read_bundle(expected).lus_needs == (frozenset(needs) if needs else None)
+    parsed = parse_case(GOLDEN / f"{case}.hl7", MAPPING).canonical
+    assert read_bundle(to_bundle(parsed, "m")).lus_needs == (frozenset(needs) if needs else None)
 
 
 # --------------------------------------------------------------------------- routing by needs
