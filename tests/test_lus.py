@@ -29,6 +29,7 @@ from gateway.model.bundle import (
 )
 from gateway.model.events import LusEvent
 from gateway.pipeline.lus import NOT_LUS
+from gateway.pipeline.stats import Month, monthly
 from gateway.store.db import Database
 from gateway.store.tables import deliveries, deviations, messages
 from mappings import MAPPINGS_DIR
@@ -290,3 +291,6 @@ async def test_a_feed_of_every_admission_makes_notices_only_of_the_lus_cases(
     assert held and held <= lus_ids  # the LUS cases without consent are held …
     assert deviated and deviated <= lus_ids  # … and their missed clocks raise deviations
     assert escalated <= lus_ids
+    async with db.read() as conn:
+        figures = await monthly(conn, Month.parse("2026-11"))
+    assert figures["not_lus_messages"] == FEED - FEED // 4  # counted apart
