@@ -29,6 +29,7 @@ from gateway.model.bundle import (
 )
 from gateway.model.events import LusEvent
 from gateway.pipeline.lus import NOT_LUS
+from gateway.pipeline.routing import Recipient, RoutingRules
 from gateway.pipeline.stats import Month, monthly
 from gateway.store.db import Database
 from gateway.store.tables import deliveries, deviations, messages
@@ -177,6 +178,39 @@ async def test_needs_narrow_the_later_messages_of_the_stay(db: Database) -> None
     await pipeline.route_message(stay(2, (OPPENVARD,)), "S-1")
     later = await pipeline.route_message(stay(2, None, LusEvent.UTSKRIVNINGSMEDDELANDE), "S-2")
     assert await recipients(db, later) == {CLINIC: False, REHAB: False}
+
+
+RULES = RoutingRules.load(MAPPINGS_DIR / "routing" / "lus.toml")
+ROLES = ["listed-clinic", "rehab", "bistand", "hemtjanst", "hemtjanst-natt", "sabo"]
+PRIMARY_CARE = {"listed-clinic", "rehab"}
+
+
+@given(
+    chosen=st.dictionaries(
+        st.from_regex(r"SE[0-9]{10}-[A-Z0-9]{4}", fullmatch=True),
+        st.tuples(st.sampled_from(ROLES), st.booleans()),
+        max_size=8,
+    ),
+    needs=st.sets(st.sampled_from(BOTH), min_size=1),
+)
+def test_needs_only_narrow_and_follow_the_routine(
+    chosen: dict[str, tuple[str, bool]], needs: set[str]
+) -> None:
+    """Whatever the event rule chose: the needs never add a recipient nor make a copy for
+    information one to act on; primary care only reaches primary care only; social services
+    only reach primary care for information only; both change nothing (001:2604-2610)."""
+    before = {h: Recipient(h, "", role, info) for h, (role, info) in chosen.items()}
+    after = RULES.by_needs(before, frozenset(needs))
+    assert set(after) <= set(before)
+    assert all(after[h].for_information or not before[h].for_information for h in after)
+    if needs == {OPPENVARD}:
+        assert {r.role for r in after.values()} <= PRIMARY_CARE
+        assert set(after) == {h for h, r in before.items() if r.role in PRIMARY_CARE}
+    elif needs == {SOCIALTJANST}:
+        assert set(after) == set(before)
+        assert all(r.for_information for r in after.values() if r.role in PRIMARY_CARE)
+    else:
+        assert after == before
 
 
 # --------------------------------------------------------------------------- not a LUS case
