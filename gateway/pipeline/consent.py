@@ -55,7 +55,9 @@ class ConsentStage(Stage):
             return
         bundle = json.loads(row.canonical)
         view = read_bundle(bundle)
-        if not await lus.needs_of(conn, view, event.message_id, row.episode_key, row.received_at):
+        if not await lus.needs_of(
+            conn, view, key, event.message_id, row.episode_key, row.received_at
+        ):
             # No LUS case: acknowledged and kept, and nothing more (no consent, no deliveries,
             # so no hold, deadline, chase, escalation or deviation).
             await conn.execute(

@@ -31,14 +31,16 @@ def judged(needs: frozenset[str] | None) -> bool:
 async def needs_of(
     conn: AsyncConnection,
     view: BundleView,
+    key: str,
     message_id: str,
     episode_key: str | None,
     received_at: datetime,
 ) -> frozenset[str]:
-    """The patient's needs after discharge as of this message; empty: not a LUS case."""
+    """The patient's needs after discharge as of this message; empty: not a LUS case.
+    ``key`` is the patient's key (the stay's messages are found through its index)."""
     needs = view.lus_needs
     if not judged(needs) and episode_key:
-        needs = await _stay_judgement(conn, message_id, episode_key, received_at) or needs
+        needs = await _stay_judgement(conn, key, message_id, episode_key, received_at) or needs
     if needs is None:  # never judged, on a feed of LUS cases only: as before markers
         return frozenset(LUS_NEEDS)
     if INGA_BEHOV in needs or not judged(needs):
@@ -47,12 +49,13 @@ async def needs_of(
 
 
 async def _stay_judgement(
-    conn: AsyncConnection, message_id: str, episode_key: str, received_at: datetime
+    conn: AsyncConnection, key: str, message_id: str, episode_key: str, received_at: datetime
 ) -> frozenset[str] | None:
     """The latest judgement an earlier message of the stay carried, if any did."""
     rows = await conn.execute(
         select(messages.c.canonical)
         .where(
+            messages.c.patient_key == key,
             messages.c.episode_key == episode_key,
             messages.c.id != message_id,
             messages.c.received_at <= received_at,

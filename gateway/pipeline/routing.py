@@ -188,7 +188,9 @@ class RouteStage(Stage):
         recipients = await self._with_relations(
             conn, key, event.message_id, view, directory, bool(row.episode_key)
         )
-        needs = await lus.needs_of(conn, view, event.message_id, row.episode_key, row.received_at)
+        needs = await lus.needs_of(
+            conn, view, key, event.message_id, row.episode_key, row.received_at
+        )
         recipients = self.rules.by_needs(recipients, needs)
         if row.episode_key:
             recipients = await self._with_episode(
