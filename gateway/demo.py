@@ -33,9 +33,11 @@ def admission(
     given: str = "Tolvan",
     consent: str = "samtycke",
     version: str = "2.5",
+    lus_needs: str = "",
 ) -> bytes:
     """A realistic TakeCare admission (ADT^A01); by default of the test patient Tolvan
-    Tolvansson (Skatteverket's published test personnummer)."""
+    Tolvansson (Skatteverket's published test personnummer). ``lus_needs``: a ZLU-2 code
+    (mappings/takecare/adt.toml [lus_needs]); empty: no ZLU segment."""
     ts = now.strftime("%Y%m%d%H%M%S")
     zsc = [f"ZSC|1|{consent}|{ts}|SE2321000016-L123"] if consent else []
     segments = [
@@ -51,6 +53,7 @@ def admission(
         "ROL|2|AD|NATTPATRULL|SE5561234567-HT02^Nattpatrullen Söder",
         "ROL|3|AD|BISTAND|SE2120001637-B020^Biståndsenheten Skärholmen",
         *zsc,
+        *([f"ZLU|1|{lus_needs}"] if lus_needs else []),
     ]
     return "\r".join(segments).encode("utf-8") + b"\r"
 

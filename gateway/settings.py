@@ -160,6 +160,13 @@ class Settings(BaseSettings):
         " the HSA-id, or a unit code of mappings/takecare/facilities.toml, of the facility"
         " this connection serves. Empty: such messages get AE 101 naming MSH-4.",
     )
+    takecare_lus_marker: Literal["optional", "required"] = Field(
+        "optional",
+        description="How this TakeCare connection marks LUS cases (ZLU segment, decision"
+        " 0017). optional: the feed carries only LUS cases; a message without ZLU is one,"
+        " with both needs. required: the feed carries every admission; only a stay a ZLU"
+        " marks as needing support is a LUS case, the rest end as not-lus.",
+    )
     reconcile_after_seconds: float = Field(
         30.0, description="Republish work that has not advanced for this long."
     )

@@ -148,13 +148,17 @@ class Pipeline:
             answer=lambda mid: mid.encode(),
         )
         mid = accepted.message_id
-        await self._step(self.consent, accepted_event(mid))
-        await self._step(self.route, permitted_event(mid))
+        await self.route_accepted(mid)
         async with self.db.read() as conn:  # its deliveries are run by deliver_routed
             self._seen_outbox = (
                 await conn.execute(select(func.max(outbox.c.id)))
             ).scalar_one() or 0
         return mid
+
+    async def route_accepted(self, message_id: str) -> None:
+        """Consent and routing of a message intake has stored."""
+        await self._step(self.consent, accepted_event(message_id))
+        await self._step(self.route, permitted_event(message_id))
 
     async def deliver_routed(self, message_id: str) -> list[str]:
         """Run the delivery stage for the message's deliveries waiting in ``routed``."""

@@ -22,6 +22,7 @@ from adapters.takecare.hl7in import MshHeader
 from adapters.takecare.receipts import REPORTED, build_oru
 from gateway.demo import HOME_CARE, admission
 from gateway.model.bundle import to_bundle
+from gateway.pipeline.lus import NOT_LUS_REASON
 from tests.inprocess import canonical
 from tests.support import (
     AnyBroker,
@@ -163,14 +164,20 @@ def test_receipts_reach_takecare_in_order_with_retry(
         assert "TC-R1" not in takecare.application_acks()
 
         # Enhanced mode: CA at once, then the application ACK as a message of its own.
-        for control_id, consent in (("TC-ENH-OK", "samtycke"), ("TC-ENH-NO", "sparr")):
-            message = admission(control_id, now_sthlm(), pnr=personnummer(901), consent=consent)
+        for control_id, consent, lus in (
+            ("TC-ENH-OK", "samtycke", ""),
+            ("TC-ENH-NO", "sparr", ""),
+            ("TC-ENH-EJ", "", "EJ"),  # no LUS case (decision 0017): accepted, nothing sent
+        ):
+            message = admission(
+                control_id, now_sthlm(), pnr=personnummer(901), consent=consent, lus_needs=lus
+            )
             head, rest = message.split(b"\r", 1)
             fields = head.split(b"|")
             fields[14:16] = [b"AL", b"AL"]
             assert msa(send(gw, b"|".join(fields) + b"\r" + rest))[1] == "CA"
         wait_for(
-            lambda: {"TC-ENH-OK", "TC-ENH-NO"} <= set(takecare.application_acks()),
+            lambda: {"TC-ENH-OK", "TC-ENH-NO", "TC-ENH-EJ"} <= set(takecare.application_acks()),
             what="application ACKs",
         )
         assert takecare.application_acks()["TC-ENH-OK"][0] == "AA"
@@ -178,6 +185,7 @@ def test_receipts_reach_takecare_in_order_with_retry(
             "AR",
             "Patienten har spärrat utlämnande",
         )
+        assert takecare.application_acks()["TC-ENH-EJ"] == ("AA", NOT_LUS_REASON)
     finally:
         gw.stop()
     assert '"takecare.receipts.not_accepted"' in gw.logs()

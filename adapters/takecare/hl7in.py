@@ -34,6 +34,7 @@ from adapters.takecare.mapping import (
 from adapters.takecare.mapping import codec_for as _codec_for
 from gateway.clock import STOCKHOLM
 from gateway.model.bundle import (
+    EJ_BEDOMD,
     Attachment,
     CanonicalMessage,
     CareParty,
@@ -553,11 +554,19 @@ def _decode(raw: bytes | str, mapping: TakeCareMapping) -> tuple[str, str | None
     return text, codec, charset
 
 
-def parse(raw: bytes, *, mapping: TakeCareMapping = MAPPING, default_sender: str = "") -> Inbound:
+def parse(
+    raw: bytes,
+    *,
+    mapping: TakeCareMapping = MAPPING,
+    default_sender: str = "",
+    lus_marker: str = "optional",
+) -> Inbound:
     """Parse and map one HL7 v2 message; raises :class:`Hl7Rejection` and nothing else.
 
     ``default_sender`` stands in for an empty MSH-4 (optional in HL7): the connection's
     configured sender (``BRYGGA_TAKECARE_SENDER``); without it such a message gets AE 101.
+    ``lus_marker`` is ``BRYGGA_TAKECARE_LUS_MARKER``: "required" when the feed carries every
+    admission and only a ZLU segment makes a patient a LUS case.
     """
     header = EMPTY_HEADER
     try:
@@ -576,7 +585,7 @@ def parse(raw: bytes, *, mapping: TakeCareMapping = MAPPING, default_sender: str
         read = mapping.spec_for(header.message_type).read
         msg = _Msg([line for line in lines[1:] if line[:3] in read], enc)
         sent_at = _unescape(fields[7].split(enc.comp, 1)[0], enc).strip() if len(fields) > 7 else ""
-        canonical = _map(msg, header, facility, sent_at, rule, mapping)
+        canonical = _map(msg, header, facility, sent_at, rule, mapping, lus_marker)
         return Inbound(**{f: getattr(header, f) for f in _HEADER_FIELDS}, canonical=canonical)
     except Hl7Rejection as known:
         if known.header is EMPTY_HEADER:
@@ -834,6 +843,27 @@ def _consent(m: _Msg, mapping: TakeCareMapping) -> ConsentBasis | None:
     if physician and not is_hsa_id(physician):
         raise _ae("ZSC", 4, 102, "ZSC-4: physician id is not an HSA-id")
     return ConsentBasis(basis, _ts(decided, ("ZSC", 1, 3)) if decided else None, physician)
+
+
+LUS_MARKER_MODES = ("optional", "required")
+
+
+def _lus_needs(m: _Msg, mapping: TakeCareMapping, marker: str) -> tuple[str, ...] | None:
+    """Site segment ZLU|1|needs: what the ward judged the patient to need after discharge.
+
+    Without ZLU the message judges nothing: None on a feed of LUS cases only (``marker``
+    "optional"), ``ej-bedomd`` on a feed of every admission ("required"), where what is
+    not marked is no LUS case (docs/decisions/0017-lus-cases-and-needs.md)."""
+    zlu = m.first("ZLU")
+    if zlu is None:
+        return (EJ_BEDOMD,) if marker == "required" else None
+    code = m.get(zlu, 2).upper()
+    if not code:
+        raise _ae("ZLU", 2, 101, "ZLU-2: LUS needs code is required")
+    needs = mapping.lus_needs.get(code)
+    if needs is None:
+        raise _ae("ZLU", 2, 103, "ZLU-2: LUS needs code not in the needs map")
+    return needs
 
 
 # --------------------------------------------------------------------------- clinical content
@@ -1141,6 +1171,7 @@ def _map(
     sent_at: str,
     rule: EventRule,
     mapping: TakeCareMapping,
+    lus_marker: str = "optional",
 ) -> CanonicalMessage:
     """Message -> canonical message; see docs/mapping-guide.md for the field tables."""
     for name in mapping.spec_for(header.message_type).required:
@@ -1245,4 +1276,9 @@ def _map(
         medications=_medications(m, mapping),
         documents=_documents(m, mapping),
         referral=referral,
+        lus_needs=(
+            _lus_needs(m, mapping, lus_marker)
+            if "ZLU" in mapping.spec_for(header.message_type).read
+            else None  # a merge or a referral: no stay of its own to judge
+        ),
     )

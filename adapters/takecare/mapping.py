@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.model.bundle import EJ_BEDOMD, INGA_BEHOV, LUS_NEED_CODES
 from gateway.model.events import LusEvent
 from gateway.model.identifiers import IdentifierKind, is_hsa_id
 from mappings import MAPPINGS_DIR
@@ -132,6 +133,7 @@ class TakeCareMapping:
     patient_class: dict[str, str]
     roles: dict[str, str]
     consent_basis: dict[str, str]
+    lus_needs: dict[str, tuple[str, ...]]  # ZLU-2 code -> LUS need codes
     protected: tuple[ProtectedRule, ...]
     facilities: dict[str, tuple[str, str]]  # code -> (hsa_id, name)
     rules: dict[str, EventRule] = field(default_factory=dict)  # "ADT^A01" -> rule
@@ -331,6 +333,7 @@ def load_mapping(directory: Path = DEFAULT_DIR) -> TakeCareMapping:
         patient_class=_upper_keys(adt["patient_class"]),
         roles=_upper_keys(adt["roles"]),
         consent_basis=_upper_keys(adt["consent_basis"]),
+        lus_needs={str(k).upper(): tuple(v) for k, v in adt.get("lus_needs", {}).items()},
         protected=protected,
         facilities=facilities,
         rules=rules,
@@ -373,6 +376,11 @@ def _validate(mapping: TakeCareMapping) -> None:
         "".encode(codec)  # LookupError for an unknown codec name
     _check(set(mapping.gender.values()), _GENDERS, "[gender]")
     _check(set(mapping.consent_basis.values()), _BASES, "[consent_basis]")
+    for code, needs in mapping.lus_needs.items():
+        if not needs or not set(needs) <= LUS_NEED_CODES - {EJ_BEDOMD}:
+            raise ValueError(f"mappings/takecare: [lus_needs] {code}: not LUS need codes")
+        if INGA_BEHOV in needs and len(needs) > 1:
+            raise ValueError(f"mappings/takecare: [lus_needs] {code}: inga-behov stands alone")
     _check(set(mapping.discharge_disposition.values()), _DISPOSITIONS, "[discharge_disposition]")
     _check(set(mapping.diagnosis_type.values()), _DIAGNOSIS_ROLES, "[diagnosis.diagnosis_type]")
     _check(set(mapping.document_status.values()), _DOC_STATUS, "[document_status]")

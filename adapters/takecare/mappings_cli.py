@@ -99,9 +99,19 @@ def case_sender(path: Path) -> str:
     return str(_connections(path.parent).get(path.stem, {}).get("sender", ""))
 
 
+def case_lus_marker(path: Path) -> str:
+    """The connection's ``BRYGGA_TAKECARE_LUS_MARKER`` for a golden case (default optional)."""
+    return str(_connections(path.parent).get(path.stem, {}).get("lus_marker", "optional"))
+
+
 def parse_case(path: Path, mapping: TakeCareMapping) -> Inbound:
     """A golden case parsed as the gateway would on its connection."""
-    return parse(path.read_bytes(), mapping=mapping, default_sender=case_sender(path))
+    return parse(
+        path.read_bytes(),
+        mapping=mapping,
+        default_sender=case_sender(path),
+        lus_marker=case_lus_marker(path),
+    )
 
 
 def run_cases(golden: Path, mapping: TakeCareMapping, *, update: bool = False) -> list[CaseResult]:

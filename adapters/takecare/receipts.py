@@ -196,9 +196,9 @@ class ReceiptsToTakeCare(Stage):
     async def _application_ack(self, conn: AsyncConnection, event: Event) -> None:
         """Enhanced mode: the application ACK (MSH-16) once the gateway has decided.
 
-        routed → AA; the patient objected → AR; no recipient → AE. MSH-16 ``AL`` asks for
-        all of them, ``ER`` for errors only, ``SU`` for success only. Held messages wait
-        for their consent decision.
+        routed or not a LUS case → AA; the patient objected → AR; no recipient → AE.
+        MSH-16 ``AL`` asks for all of them, ``ER`` for errors only, ``SU`` for success
+        only. Held messages wait for their consent decision.
         """
         status = str(event.data.get("status", ""))
         code = APPLICATION_CODES.get(status)
@@ -239,7 +239,8 @@ class ReceiptsToTakeCare(Stage):
         )
 
 
-APPLICATION_CODES = {"routed": "AA", "denied": "AR", "unroutable": "AE"}
+# not-lus: no LUS case (decision 0017): accepted, and nothing was to be sent.
+APPLICATION_CODES = {"routed": "AA", "not-lus": "AA", "denied": "AR", "unroutable": "AE"}
 
 
 async def _store(

@@ -87,6 +87,7 @@ class TakeCareSource:
         self._inline_max = 64 * 1024
         self._parse_timeout = 10.0
         self._default_sender = ""  # stands in for an empty MSH-4 (BRYGGA_TAKECARE_SENDER)
+        self._lus_marker = "optional"  # BRYGGA_TAKECARE_LUS_MARKER (decision 0017)
         # Large messages are parsed here, off the event loop; two threads bound the work.
         self._parser = ThreadPoolExecutor(2, thread_name_prefix="hl7-parse")
 
@@ -97,6 +98,7 @@ class TakeCareSource:
         self._inline_max = settings.mllp_parse_inline_max
         self._parse_timeout = settings.mllp_parse_timeout
         self._default_sender = settings.takecare_sender
+        self._lus_marker = settings.takecare_lus_marker
         tls = settings.mllp_ssl_context()
         self._server = await mllp.serve(
             settings.mllp_host,
@@ -125,7 +127,9 @@ class TakeCareSource:
 
     async def _parse(self, raw: bytes) -> Inbound:
         """parse(), off the event loop for large messages and within the time budget."""
-        work_of = functools.partial(parse, raw, default_sender=self._default_sender)
+        work_of = functools.partial(
+            parse, raw, default_sender=self._default_sender, lus_marker=self._lus_marker
+        )
         if len(raw) <= self._inline_max:
             return work_of()
         work = asyncio.get_running_loop().run_in_executor(self._parser, work_of)

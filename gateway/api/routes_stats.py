@@ -43,6 +43,7 @@ EXAMPLE_STATS = {
             "deviations": {"open": 1, "answered": 2},
         }
     ],
+    "not_lus_messages": None,
 }
 
 

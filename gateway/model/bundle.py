@@ -76,6 +76,16 @@ DOCUMENT_FLAG_SYSTEM = "https://brygga.dev/fhir/CodeSystem/document-flag"
 REFERRAL_TYPE_SYSTEM = "https://brygga.dev/fhir/CodeSystem/referral-type"
 READY_FOR_DISCHARGE_URL = "https://brygga.dev/fhir/StructureDefinition/ready-for-discharge"
 NURSING_REFERRAL = "nursing-referral"
+# The sender's judgement of the support the patient needs after discharge (LUS, 001:2599-2610;
+# docs/decisions/0017-lus-cases-and-needs.md): one Encounter extension per code.
+LUS_NEEDS_URL = "https://brygga.dev/fhir/StructureDefinition/lus-needs"
+LUS_NEED_SYSTEM = "https://brygga.dev/fhir/CodeSystem/lus-need"
+SOCIALTJANST = "socialtjanst"  # support from the municipality's social services
+OPPENVARD = "oppenvard"  # support from primary care (öppenvården)
+INGA_BEHOV = "inga-behov"  # judged not to need support: not a LUS case
+EJ_BEDOMD = "ej-bedomd"  # a feed of every admission, this message judges nothing
+LUS_NEEDS = (SOCIALTJANST, OPPENVARD)
+LUS_NEED_CODES = frozenset({*LUS_NEEDS, INGA_BEHOV, EJ_BEDOMD})
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +206,9 @@ class CanonicalMessage:
     medications: list[MedicationEntry] = field(default_factory=list, repr=False)
     documents: list[Document] = field(default_factory=list, repr=False)
     referral: Referral | None = field(default=None, repr=False)
+    # What the message says of the patient's needs after discharge (LUS_NEED_CODES); None:
+    # it says nothing (a feed of LUS cases only; the stay's earlier judgement stands).
+    lus_needs: tuple[str, ...] | None = None
 
     @property
     def primary_id(self) -> PatientId:
@@ -330,6 +343,11 @@ def to_bundle(
         encounter["extension"] = [
             {"url": READY_FOR_DISCHARGE_URL, "valueDateTime": _iso(msg.ready_at)}
         ]
+    if msg.lus_needs is not None:
+        encounter.setdefault("extension", []).extend(
+            {"url": LUS_NEEDS_URL, "valueCoding": {"system": LUS_NEED_SYSTEM, "code": code}}
+            for code in msg.lus_needs
+        )
     if msg.ward_hsa_id:
         encounter["location"] = [
             {"location": {"identifier": {"system": HSA_SYSTEM, "value": msg.ward_hsa_id}}}
@@ -680,6 +698,8 @@ class BundleView:
     # "medication" (a medication list), and the documents' flags ("nursing-referral", …).
     contents: frozenset[str] = frozenset()
     prior_identifiers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # The LUS need codes the message carries (LUS_NEED_CODES); None: it carries none.
+    lus_needs: frozenset[str] | None = None
 
 
 def resources_by_ref(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -771,6 +791,11 @@ def read_bundle(bundle: dict[str, Any]) -> BundleView:
         if coding.get("system") == DOCUMENT_FLAG_SYSTEM
     }
     prior = res.get("Patient/patient-prior", {})
+    needs = [
+        str(e.get("valueCoding", {}).get("code", ""))
+        for e in encounter.get("extension", [])
+        if e.get("url") == LUS_NEEDS_URL
+    ]
     return BundleView(
         message_id=bundle["id"],
         event=LusEvent(header["eventCoding"]["code"]),
@@ -788,6 +813,7 @@ def read_bundle(bundle: dict[str, Any]) -> BundleView:
         prior_identifiers=tuple(
             (str(i.get("system", "")), str(i.get("value", ""))) for i in prior.get("identifier", [])
         ),
+        lus_needs=frozenset(needs) if needs else None,
     )
 
 

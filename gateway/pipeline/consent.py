@@ -1,5 +1,8 @@
 """Consent stage: record the legal basis a message carries, then pass it on to routing.
 
+A message about a patient who is no LUS case (:mod:`gateway.pipeline.lus`) stops here, in
+status ``not-lus``: acknowledged and kept, never routed.
+
 An admission notice carries the patient's consent, the physician's menprövning or the
 patient's objection (TakeCare's ZSC segment). That basis becomes a consent record for this
 stay (and may release deliveries of earlier messages that were held for want of one); a
@@ -22,10 +25,10 @@ from gateway.audit import AuditEntry
 from gateway.bus import topics
 from gateway.bus.outbox import enqueue
 from gateway.bus.topics import Event
-from gateway.model.bundle import resources_by_ref
+from gateway.model.bundle import read_bundle, resources_by_ref
 from gateway.model.consent import ConsentRecord
 from gateway.model.identifiers import PatientId
-from gateway.pipeline import gate
+from gateway.pipeline import gate, lus
 from gateway.pipeline.stage import Stage
 from gateway.store.tables import messages
 
@@ -50,9 +53,21 @@ class ConsentStage(Stage):
         ).one()
         if row.status != "accepted":
             return
-        record = carried_consent(
-            json.loads(row.canonical), event.message_id, row.received_at, row.episode_key
-        )
+        bundle = json.loads(row.canonical)
+        view = read_bundle(bundle)
+        if not await lus.needs_of(
+            conn, view, key, event.message_id, row.episode_key, row.received_at
+        ):
+            # No LUS case: acknowledged and kept, and nothing more (no consent, no deliveries,
+            # so no hold, deadline, chase, escalation or deviation).
+            await conn.execute(
+                update(messages)
+                .where(messages.c.id == event.message_id)
+                .values(status=lus.NOT_LUS, updated_at=clock.now())
+            )
+            await announce_status(conn, key, event.message_id, lus.NOT_LUS, lus.NOT_LUS_REASON)
+            return
+        record = carried_consent(bundle, event.message_id, row.received_at, row.episode_key)
         entries: list[AuditEntry] = []  # recorded last: the chain's lock after the row locks
         if record is not None:
             await gate.store(

@@ -26,11 +26,11 @@ from gateway.bus.keys import PatientKeyer
 from gateway.bus.topics import Event
 from gateway.directory import Directory, DirectorySource, Organisation
 from gateway.directory import store as directory_store
-from gateway.model.bundle import BundleView, read_bundle
+from gateway.model.bundle import LUS_NEEDS, BundleView, read_bundle
 from gateway.model.consent import Decision, Outcome, decide
 from gateway.model.consent import Recipient as ConsentRecipient
 from gateway.model.events import LusEvent
-from gateway.pipeline import gate, ledger
+from gateway.pipeline import gate, ledger, lus
 from gateway.pipeline.channels import ChannelRegistry
 from gateway.pipeline.consent import announce_status, park_message
 from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
@@ -63,11 +63,30 @@ class RoutingRules:
         content: dict[str, ContentRule] | None = None,
         lasting: frozenset[str] = frozenset(),
         overrides: dict[str, dict[LusEvent, Rule]] | None = None,
+        needs: dict[frozenset[str], Rule] | None = None,
     ) -> None:
         self._rules = rules
         self.content = content or {}
         self.lasting = lasting  # roles of providers that serve the patient beyond one stay
         self._overrides = overrides or {}  # per municipality code: its own rules
+        self.needs = needs or {}  # the patient's needs -> the roles still told ([needs.*])
+
+    def by_needs(
+        self, recipients: dict[str, Recipient], needs: frozenset[str]
+    ) -> dict[str, Recipient]:
+        """Narrow the recipients to the patient's needs after discharge (001:2604-2610):
+        a role the needs' rule does not list is not told, a ``for_information`` role is
+        told for information only. Needs without a rule (both) leave the recipients be."""
+        rule = self.needs.get(needs)
+        if rule is None:
+            return recipients
+        return {
+            hsa_id: r
+            if r.role in rule.receivers
+            else Recipient(r.hsa_id, r.name, r.role, for_information=True)
+            for hsa_id, r in recipients.items()
+            if r.role in rule.receivers or r.role in rule.for_information
+        }
 
     def rule(self, event: LusEvent, municipality: str = "") -> Rule:
         """The rule for ``event``, as the recipient's municipality has it if it has its own."""
@@ -93,11 +112,20 @@ class RoutingRules:
             for name, entry in data.pop("content", {}).items()
         }
         lasting = frozenset(data.pop("relations", {}).get("roles", []))
+        needs = {
+            frozenset(name.split("+")): Rule(
+                frozenset(entry.get("receivers", [])), frozenset(entry.get("for_information", []))
+            )
+            for name, entry in data.pop("needs", {}).items()
+        }
+        for combination in needs:
+            if not combination <= set(LUS_NEEDS):
+                raise ValueError(f"{path.name}: [needs.{'+'.join(sorted(combination))}]: unknown")
         overrides = {
             str(code): _event_rules(path, entries, f"municipalities.{code}.")
             for code, entries in data.pop("municipalities", {}).items()
         }
-        return cls(_event_rules(path, data), content, lasting, overrides)
+        return cls(_event_rules(path, data), content, lasting, overrides, needs)
 
 
 def _event_rules(path: Path, data: dict[str, Any], where: str = "") -> dict[LusEvent, Rule]:
@@ -160,6 +188,10 @@ class RouteStage(Stage):
         recipients = await self._with_relations(
             conn, key, event.message_id, view, directory, bool(row.episode_key)
         )
+        needs = await lus.needs_of(
+            conn, view, key, event.message_id, row.episode_key, row.received_at
+        )
+        recipients = self.rules.by_needs(recipients, needs)
         if row.episode_key:
             recipients = await self._with_episode(
                 conn, event.message_id, row.episode_key, view.event, recipients

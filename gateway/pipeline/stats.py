@@ -32,6 +32,7 @@ from gateway.clock import STOCKHOLM
 from gateway.model.events import LusEvent
 from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
 from gateway.pipeline.ledger import State
+from gateway.pipeline.lus import NOT_LUS
 from gateway.store.tables import (
     deliveries,
     delivery_attempts,
@@ -220,7 +221,16 @@ async def monthly(
         "until": q.end.isoformat(),
         "municipality": municipality,
         "groups": [f.as_dict() for f in q.table.sorted()],
+        # Region-wide: a message of no LUS case has no recipient, so no municipality here.
+        "not_lus_messages": None if municipality else await _not_lus(q),
     }
+
+
+async def _not_lus(q: _Query) -> int:
+    """Messages of the month about patients who are no LUS case (decision 0017): counted
+    apart, in no group, since nothing was sent for them."""
+    stmt = select(func.count()).where(messages.c.status == NOT_LUS, _event_time_in(q.start, q.end))
+    return int((await q.conn.execute(stmt)).scalar_one())
 
 
 def _where_town(column: ColumnElement[Any], municipality: str | None) -> ColumnElement[bool]:
