@@ -327,3 +327,18 @@ async def test_the_address_is_stored_only_encrypted(db: Database) -> None:
     async with db.read() as conn:  # and it is there, for who may read it
         stored = (await conn.execute(select(messages.c.canonical))).scalars().all()
     assert any(STREET in json.dumps(c, ensure_ascii=False) for c in stored)
+
+
+def test_outbound_hl7v2_carries_the_address_only_where_the_bundle_does() -> None:
+    from adapters.hl7v2.render import render
+    from tests.test_hl7_outbound import strict_problems
+
+    address = Address(("Sjövägen 4", "lgh 1102"), "Huddinge", "14131", "0126", "SE")
+    bundle = to_bundle(dataclasses.replace(canonical(), address=address))
+    er7 = render(bundle, "dedup-1", HOME_CARE)
+    pid = next(s for s in er7.split("\r") if s.startswith("PID|")).split("|")
+    assert pid[11] == "Sjövägen 4^lgh 1102^Huddinge^^14131^SWE^L^^0126"
+    assert strict_problems(er7) == []
+    withheld = render(withhold(bundle, ["address"]), "dedup-1", HOME_CARE)
+    pid = next(s for s in withheld.split("\r") if s.startswith("PID|")).split("|")
+    assert len(pid) <= 11 or pid[11] == ""
