@@ -342,3 +342,34 @@ def test_outbound_hl7v2_carries_the_address_only_where_the_bundle_does() -> None
     withheld = render(withhold(bundle, ["address"]), "dedup-1", HOME_CARE)
     pid = next(s for s in withheld.split("\r") if s.startswith("PID|")).split("|")
     assert len(pid) <= 11 or pid[11] == ""
+
+
+_FULL = (MAPPINGS_DIR / "takecare" / "golden" / "adt_a01_full.hl7").read_bytes()
+_part = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cc", "Cs", "Zl", "Zp")), max_size=30
+).map(str.strip)
+
+
+@given(
+    street=_part,
+    city=_part,
+    postcode=st.from_regex(r"\d{3} ?\d{2}", fullmatch=True),
+    code=st.from_regex(r"\d{4}", fullmatch=True) | st.sampled_from(["", "01", "AB12"]),
+    legal_second=st.booleans(),
+)
+def test_any_pid11_is_read_as_sent(
+    street: str, city: str, postcode: str, code: str, legal_second: bool
+) -> None:
+    """Any texts (HL7-escaped on the wire), either order of repetitions: the legal one wins."""
+    from adapters.takecare.ack import escape
+
+    legal = f"{escape(street)}^^{escape(city)}^^{postcode}^SE^L^^{code}"
+    other = "Box 1^^Annanstans^^99999^SE^M"
+    pid11 = f"{other}~{legal}" if legal_second else f"{legal}~{other}"
+    raw = _FULL.replace(b"Storgatan 1^^Stockholm^^11122^SE", pid11.encode("utf-8"))
+    got = read_bundle(to_bundle(parse(raw).canonical)).address
+    assert got is not None
+    assert got.line == ((street,) if street else ())
+    assert got.city == city
+    assert got.postal_code == postcode.replace(" ", "")
+    assert got.municipality == (code if len(code) == 4 and code.isdigit() else "")
