@@ -373,3 +373,17 @@ def test_any_pid11_is_read_as_sent(
     assert got.city == city
     assert got.postal_code == postcode.replace(" ", "")
     assert got.municipality == (code if len(code) == 4 and code.isdigit() else "")
+
+
+async def test_a_referral_goes_to_its_provider_not_by_residence(db: Database) -> None:
+    from gateway.model.bundle import Referral
+
+    pipeline = Pipeline(db, directory=_directory())
+    rehab = CareParty("rehab", "SE2321000016-R040", "Rehab")
+    msg = dataclasses.replace(
+        _message(10, Address(postal_code="12743"), parties=[rehab]),
+        event=LusEvent.PLANERINGSUNDERLAG,
+        referral=Referral(rehab, "rehab"),
+    )
+    got = await _deliveries(db, await pipeline.run(msg, "RES-10"))
+    assert SKARHOLMEN_BISTAND not in got and "SE2321000016-R040" in got

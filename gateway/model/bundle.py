@@ -767,6 +767,7 @@ class BundleView:
     contents: frozenset[str] = frozenset()
     prior_identifiers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     address: Address | None = field(default=None, repr=False)  # the folkbokföringsadress
+    referral: bool = False  # a referral (ServiceRequest): addressed to its provider alone
 
 
 def resources_by_ref(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -878,6 +879,7 @@ def read_bundle(bundle: dict[str, Any]) -> BundleView:
             (str(i.get("system", "")), str(i.get("value", ""))) for i in prior.get("identifier", [])
         ),
         address=_read_address(patient),
+        referral=any(k.startswith("ServiceRequest/") for k in res),
     )
 
 

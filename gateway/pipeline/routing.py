@@ -275,8 +275,9 @@ class RouteStage(Stage):
         (decision 0016). A unit the message names as well is told once. An address that
         cannot be placed, or a place without such a unit, is a failed delivery with the
         reason (unless the message names a unit in the role), never a silent drop. A
-        message without an address is routed by what it names, as before."""
-        if view.address is None or not self.rules.residence:
+        message without an address is routed by what it names, as before; so is a referral,
+        which is addressed to the provider it names."""
+        if view.address is None or view.referral or not self.rules.residence:
             return recipients
         place = await self.residence.locate(view.patient_identifier, view.address)
         chosen = dict(recipients)
