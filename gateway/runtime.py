@@ -27,6 +27,7 @@ from gateway.bus.outbox import Relay
 from gateway.crypto import columns, kek
 from gateway.crypto.keyring import Keyring
 from gateway.directory import store as directory_store
+from gateway.directory.residence import lookup_from
 from gateway.logs import error_fields
 from gateway.pipeline.channels import ChannelRegistry
 from gateway.pipeline.consent import ConsentStage
@@ -121,6 +122,7 @@ class Gateway:
         directory = directory_store.StoredDirectory()  # read per message: API edits count
         rules = RoutingRules.load(s.routing_file or MAPPINGS_DIR / "routing" / "lus.toml")
         deadlines = Deadlines.load(s.deadlines_file or DEADLINES_FILE)
+        residence = lookup_from(s.residence_lookup, s.postcodes_file)
         # The patient HMAC key names every pseudonym: created by the stages that key new
         # data (intake, route), only read by the others, never created twice.
         hmac_key = s.keys_dir / "patient-hmac.key"
@@ -162,7 +164,7 @@ class Gateway:
         stage_objects = {
             "consent": lambda: ConsentStage(db),
             "route": lambda: RouteStage(
-                db, directory, rules, channels, _required(keyer), deadlines
+                db, directory, rules, channels, _required(keyer), deadlines, residence
             ),
             "deliver": lambda: DeliverStage(db, channels, directory, resend_after),
             "receipts": lambda: ReceiptsStage(db),

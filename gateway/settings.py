@@ -151,6 +151,18 @@ class Settings(BaseSettings):
     routing_file: Path | None = Field(
         None, description="Routing rules (TOML); default: mappings/routing/lus.toml."
     )
+    residence_lookup: str = Field(
+        "table",
+        description="Where the patient's municipality and district come from when routing "
+        "(decision 0016): 'table' (PID-11's municipality code, else the postcode table), or "
+        "the name of an entry point in the group brygga.residence (a population-register "
+        "client).",
+    )
+    postcodes_file: Path | None = Field(
+        None,
+        description="Postcode -> municipality and district (TOML) for the 'table' lookup; "
+        "default: mappings/geography/postcodes.toml (example data).",
+    )
     source_system: str = Field(
         "", description="Overrides the sender identity taken from MSH-3/MSH-4 (tests, proxies)."
     )

@@ -20,7 +20,7 @@ from typing import Any
 from adapters.takecare.ack import escape
 from gateway import clock
 from gateway.clock import STOCKHOLM
-from gateway.model.bundle import read_bundle, resources_by_ref
+from gateway.model.bundle import Address, read_bundle, resources_by_ref
 from gateway.model.events import LusEvent
 from gateway.model.identifiers import HSA_SYSTEM
 from mappings import MAPPINGS_DIR
@@ -28,7 +28,7 @@ from mappings import MAPPINGS_DIR
 OUTBOUND = MAPPINGS_DIR / "hl7v2" / "outbound.toml"
 LENGTHS = MAPPINGS_DIR / "hl7v2" / "lengths.toml"
 # Values already written as ER7 (built here from escaped parts): inserted as they stand.
-_ER7_VALUES = frozenset({"prior_patient_ids", "value"})
+_ER7_VALUES = frozenset({"prior_patient_ids", "value", "address"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +215,7 @@ def values(
         "patient_id": str(ident.get("value", "")),
         "patient_id_type": types.get(ident.get("system", ""), ""),
         "prior_patient_ids": prior,
+        "address": _xad(view.address),
         "family": name.get("family", ""),
         "given": " ".join(name.get("given", [])),
         "birth_date": patient.get("birthDate", "").replace("-", ""),
@@ -228,6 +229,22 @@ def values(
         "discharged_at": _ts(period.get("end")),
         "document_id": document_id,
     }
+
+
+def _xad(address: Address | None) -> str:
+    """PID-11 as ER7: the folkbokföringsadress as a legal address (XAD-7 L) with the
+    municipality code in XAD-9, as TakeCare sends it; empty when the Bundle has none (none
+    sent, or withheld from this recipient)."""
+    if address is None:
+        return ""
+    line = [*address.line, "", ""]
+    # XAD-6 is ISO 3166 alpha-3 (HL7 table 0399); TakeCare may send alpha-2 "SE"
+    country = address.country.upper()
+    country = "SWE" if country == "SE" else country if len(country) == 3 else ""
+    parts = [line[0], line[1], address.city, "", address.postal_code, country, "L"]
+    parts += ["", address.municipality]
+    # each component within its data type's length (ST: 199 in hl7apy's v2.5 tables)
+    return "^".join(cut(escape(p), 199) for p in parts).rstrip("^")
 
 
 def _segment(name: str, template: dict[str, str], vals: dict[str, str], m: Mapping) -> str:

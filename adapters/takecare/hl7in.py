@@ -35,6 +35,7 @@ from adapters.takecare.mapping import codec_for as _codec_for
 from gateway.clock import STOCKHOLM
 from gateway.model.bundle import (
     EJ_BEDOMD,
+    Address,
     Attachment,
     CanonicalMessage,
     CareParty,
@@ -773,6 +774,35 @@ def _name(m: _Msg, pid: list[str]) -> tuple[str, str]:
     return family, given
 
 
+# XAD-7 address types (HL7 table 0190) in order of preference: the legal address (the
+# folkbokföringsadress), then the home address, then one without a type.
+_ADDRESS_TYPES = ("L", "H", "")
+_KOMMUNKOD = re.compile(r"\d{4}")
+
+
+def _address(m: _Msg, pid: list[str] | None) -> Address | None:
+    """PID-11: the folkbokföringsadress. XAD-1 street (SAD-1), XAD-2 other designation
+    (c/o, apartment), XAD-3 city, XAD-5 postcode (spaces dropped: "111 22" is 11122),
+    XAD-6 country, XAD-9 county/parish code: the kommunkod when it is four digits."""
+    reps = m.reps(pid, 11)
+    types = [m.get(pid, 11, 7, rep=rep).upper() for rep in range(1, reps + 1)]
+    rep = next((types.index(t) + 1 for t in _ADDRESS_TYPES if t in types), 1 if reps else 0)
+    if not rep:
+        return None
+    line = tuple(p for p in (m.get(pid, 11, 1, 1, rep=rep), m.get(pid, 11, 2, rep=rep)) if p)
+    postcode = m.get(pid, 11, 5, rep=rep)
+    compact = postcode.replace(" ", "")
+    code = m.get(pid, 11, 9, rep=rep)
+    address = Address(
+        line=line,
+        city=m.get(pid, 11, 3, rep=rep),
+        postal_code=compact if compact.isdigit() and len(compact) == 5 else postcode,
+        municipality=code if _KOMMUNKOD.fullmatch(code) else "",
+        country=m.get(pid, 11, 6, rep=rep),
+    )
+    return address if address != Address() else None
+
+
 def _protected(m: _Msg, mapping: TakeCareMapping) -> bool:
     for rule in mapping.protected:
         seg = m.first(rule.segment)
@@ -1281,4 +1311,5 @@ def _map(
             if "ZLU" in mapping.spec_for(header.message_type).read
             else None  # a merge or a referral: no stay of its own to judge
         ),
+        address=_address(m, pid),
     )

@@ -135,6 +135,18 @@ class Directory:
     def municipality(self, code: str) -> Municipality | None:
         return self._by_code.get(code)
 
+    def serving(self, kind: str, municipality: str, district: str = "") -> Organisation | None:
+        """The unit of ``kind`` that serves the residents of a municipality (and district):
+        the district's own unit, else one for the whole municipality (no district). Of
+        several, the first by HSA-id, so the choice does not depend on the load order."""
+        units = sorted(
+            (o for o in self if o.kind == kind and o.municipality == municipality),
+            key=lambda o: o.hsa_id,
+        )
+        own = [o for o in units if district and o.district == district]
+        whole = [o for o in units if not o.district]
+        return (own or whole or [None])[0]
+
     def __iter__(self) -> Iterator[Organisation]:
         return iter(self._by_hsa.values())
 

@@ -86,6 +86,16 @@ INGA_BEHOV = "inga-behov"  # judged not to need support: not a LUS case
 EJ_BEDOMD = "ej-bedomd"  # a feed of every admission, this message judges nothing
 LUS_NEEDS = (SOCIALTJANST, OPPENVARD)
 LUS_NEED_CODES = frozenset({*LUS_NEEDS, INGA_BEHOV, EJ_BEDOMD})
+# Patient.address: the folkbokföringsadress (PID-11), typed by hl7se's official address type
+# (SEBaseAddressPersonExtension, SNOMED CT 63381000052101 folkbokföringsadress), and the
+# municipality code (kommunkod, SCB) as sent, in an extension of the Address (hl7se has no
+# element for it; decision 0016).
+SE_ADDRESS_TYPE_URL = "http://hl7.se/fhir/ig/base/StructureDefinition/SEBaseAddressPersonExtension"
+SNOMED_SYSTEM = "http://snomed.info/sct"
+FOLKBOKFORINGSADRESS = "63381000052101"
+MUNICIPALITY_CODE_URL = "https://brygga.dev/fhir/StructureDefinition/municipality-code"
+MUNICIPALITY_CODE_SYSTEM = "https://brygga.dev/fhir/CodeSystem/kommunkod"
+ADDRESS = "address"  # routing content kind: the Patient's address (mappings/routing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +105,18 @@ class CareParty:
     role: str
     hsa_id: str
     name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """The patient's folkbokföringsadress (PID-11): where the municipality finds the patient,
+    and which municipality (and Stockholm district) must be told."""
+
+    line: tuple[str, ...] = ()
+    city: str = ""
+    postal_code: str = ""  # five digits when well-formed, kept as sent otherwise
+    municipality: str = ""  # kommunkod (4 digits) when the sender gave it (XAD-9)
+    country: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +231,7 @@ class CanonicalMessage:
     # What the message says of the patient's needs after discharge (LUS_NEED_CODES); None:
     # it says nothing (a feed of LUS cases only; the stay's earlier judgement stands).
     lus_needs: tuple[str, ...] | None = None
+    address: Address | None = field(default=None, repr=False)
 
     @property
     def primary_id(self) -> PatientId:
@@ -219,6 +242,67 @@ class CanonicalMessage:
                 if pid.kind is kind:
                     return pid
         return self.patient_ids[0]
+
+
+def _address(address: Address) -> dict[str, Any]:
+    """A FHIR Address of the folkbokföringsadress (hl7se official address type)."""
+    out: dict[str, Any] = {
+        "extension": [
+            {
+                "url": SE_ADDRESS_TYPE_URL,
+                "valueCodeableConcept": {
+                    "coding": [
+                        {
+                            "system": SNOMED_SYSTEM,
+                            "code": FOLKBOKFORINGSADRESS,
+                            "display": "folkbokföringsadress",
+                        }
+                    ]
+                },
+            }
+        ],
+        "use": "home",
+        "type": "physical",
+    }
+    if address.line:
+        out["line"] = list(address.line)
+    if address.city:
+        out["city"] = address.city
+    if address.municipality:
+        out["extension"].append(
+            {
+                "url": MUNICIPALITY_CODE_URL,
+                "valueCoding": {"system": MUNICIPALITY_CODE_SYSTEM, "code": address.municipality},
+            }
+        )
+    if address.postal_code:
+        out["postalCode"] = address.postal_code
+    if address.country:
+        out["country"] = address.country
+    return out
+
+
+def _read_address(patient: dict[str, Any]) -> Address | None:
+    """The folkbokföringsadress of a stored Patient (the first address), if it has one."""
+    found = patient.get("address") or []
+    if not found:
+        return None
+    a = found[0]
+    code = next(
+        (
+            str(e.get("valueCoding", {}).get("code", ""))
+            for e in a.get("extension", [])
+            if e.get("url") == MUNICIPALITY_CODE_URL
+        ),
+        "",
+    )
+    return Address(
+        tuple(a.get("line", [])),
+        str(a.get("city", "")),
+        str(a.get("postalCode", "")),
+        code,
+        str(a.get("country", "")),
+    )
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -298,6 +382,8 @@ def to_bundle(
         patient["name"] = [{"family": msg.family, "given": [msg.given] if msg.given else []}]
     if msg.birth_date:
         patient["birthDate"] = msg.birth_date
+    if msg.address:
+        patient["address"] = [_address(msg.address)]
     if msg.listed_clinic:
         patient["generalPractitioner"] = [org_ref(msg.listed_clinic.hsa_id)]
     if msg.protected_identity:
@@ -700,6 +786,8 @@ class BundleView:
     prior_identifiers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # The LUS need codes the message carries (LUS_NEED_CODES); None: it carries none.
     lus_needs: frozenset[str] | None = None
+    address: Address | None = field(default=None, repr=False)  # the folkbokföringsadress
+    referral: bool = False  # a referral (ServiceRequest): addressed to its provider alone
 
 
 def resources_by_ref(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -809,11 +897,15 @@ def read_bundle(bundle: dict[str, Any]) -> BundleView:
         ready_at=datetime.fromisoformat(ready) if ready else None,
         nursing_referral=NURSING_REFERRAL in flags,
         occurred_at=datetime.fromisoformat(bundle["timestamp"]) if "timestamp" in bundle else None,
-        contents=frozenset(flags) | contents_of_resources(res),
+        contents=frozenset(flags)
+        | contents_of_resources(res)
+        | ({ADDRESS} if patient.get("address") else set()),
         prior_identifiers=tuple(
             (str(i.get("system", "")), str(i.get("value", ""))) for i in prior.get("identifier", [])
         ),
         lus_needs=frozenset(needs) if needs else None,
+        address=_read_address(patient),
+        referral=any(k.startswith("ServiceRequest/") for k in res),
     )
 
 
@@ -848,6 +940,8 @@ def withhold(bundle: dict[str, Any], kinds: Iterable[str]) -> dict[str, Any]:
     drop = frozenset(kinds)
     if not drop:
         return bundle
+    if ADDRESS in drop:
+        bundle = _without_address(bundle)
     entries = bundle.get("entry", [])
     gone = {name for e in entries if _carries(e["resource"], drop) for name in entry_names(e)}
     if not gone:
@@ -868,6 +962,18 @@ def withhold(bundle: dict[str, Any], kinds: Iterable[str]) -> dict[str, Any]:
     return scrub({**bundle, "entry": kept})  # type: ignore[no-any-return]
 
 
+def _without_address(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The Bundle with no Patient.address (a copy; the stored Bundle is not changed)."""
+    entries = []
+    for entry in bundle.get("entry", []):
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") == "Patient" and "address" in resource:
+            resource = {k: v for k, v in resource.items() if k != "address"}
+            entry = {**entry, "resource": resource}
+        entries.append(entry)
+    return {**bundle, "entry": entries}
+
+
 def validate_bundle(bundle: dict[str, Any]) -> None:
     """Validate against the FHIR R4 (R4B models) Bundle schema; raises ValueError."""
     from fhir.resources.R4B.bundle import Bundle
@@ -877,6 +983,7 @@ def validate_bundle(bundle: dict[str, Any]) -> None:
 
 __all__ = [
     "SYSTEMS",
+    "Address",
     "Attachment",
     "BundleView",
     "CanonicalMessage",

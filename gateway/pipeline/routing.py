@@ -8,6 +8,7 @@ see, never a silent drop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 import uuid
@@ -26,7 +27,8 @@ from gateway.bus.keys import PatientKeyer
 from gateway.bus.topics import Event
 from gateway.directory import Directory, DirectorySource, Organisation
 from gateway.directory import store as directory_store
-from gateway.model.bundle import LUS_NEEDS, BundleView, read_bundle
+from gateway.directory.residence import PostcodeTable, Residence, ResidenceLookup
+from gateway.model.bundle import ADDRESS, LUS_NEEDS, BundleView, read_bundle
 from gateway.model.consent import Decision, Outcome, decide
 from gateway.model.consent import Recipient as ConsentRecipient
 from gateway.model.events import LusEvent
@@ -64,8 +66,12 @@ class RoutingRules:
         lasting: frozenset[str] = frozenset(),
         overrides: dict[str, dict[LusEvent, Rule]] | None = None,
         needs: dict[frozenset[str], Rule] | None = None,
+        residence: dict[str, str] | None = None,
     ) -> None:
         self._rules = rules
+        # role -> directory kind: the unit of that kind serving where the patient lives
+        # receives in that role, whether or not the message names it ([residence])
+        self.residence = residence or {}
         self.content = content or {}
         self.lasting = lasting  # roles of providers that serve the patient beyond one stay
         self._overrides = overrides or {}  # per municipality code: its own rules
@@ -81,9 +87,7 @@ class RoutingRules:
         if rule is None:
             return recipients
         return {
-            hsa_id: r
-            if r.role in rule.receivers
-            else Recipient(r.hsa_id, r.name, r.role, for_information=True)
+            hsa_id: r if r.role in rule.receivers else dataclasses.replace(r, for_information=True)
             for hsa_id, r in recipients.items()
             if r.role in rule.receivers or r.role in rule.for_information
         }
@@ -121,11 +125,12 @@ class RoutingRules:
         for combination in needs:
             if not combination <= set(LUS_NEEDS):
                 raise ValueError(f"{path.name}: [needs.{'+'.join(sorted(combination))}]: unknown")
+        residence = {str(k): str(v) for k, v in data.pop("residence", {}).items()}
         overrides = {
             str(code): _event_rules(path, entries, f"municipalities.{code}.")
             for code, entries in data.pop("municipalities", {}).items()
         }
-        return cls(_event_rules(path, data), content, lasting, overrides, needs)
+        return cls(_event_rules(path, data), content, lasting, overrides, needs, residence)
 
 
 def _event_rules(path: Path, data: dict[str, Any], where: str = "") -> dict[LusEvent, Rule]:
@@ -147,6 +152,7 @@ class Recipient:
     name: str
     role: str
     for_information: bool
+    unresolved: str = ""  # why no unit could be found (a failed delivery says so)
 
 
 class RouteStage(Stage):
@@ -162,6 +168,7 @@ class RouteStage(Stage):
         channels: ChannelRegistry,
         keyer: PatientKeyer,
         deadlines: Deadlines | None = None,
+        residence: ResidenceLookup | None = None,
     ) -> None:
         super().__init__(db)
         self.directory = directory
@@ -169,6 +176,7 @@ class RouteStage(Stage):
         self.channels = channels
         self.keyer = keyer
         self.deadlines = deadlines or Deadlines.load(DEADLINES_FILE)
+        self.residence = residence or PostcodeTable.load()
 
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         row = (
@@ -188,6 +196,8 @@ class RouteStage(Stage):
         recipients = await self._with_relations(
             conn, key, event.message_id, view, directory, bool(row.episode_key)
         )
+        # the municipality found from the patient's address first: the needs decide for it too
+        recipients = await self._with_residence(view, directory, recipients)
         needs = await lus.needs_of(
             conn, view, key, event.message_id, row.episode_key, row.received_at
         )
@@ -286,6 +296,35 @@ class RouteStage(Stage):
             )
             if must or party.role in rule.for_information:
                 chosen[party.hsa_id] = Recipient(party.hsa_id, party.name, party.role, not must)
+        return chosen
+
+    async def _with_residence(
+        self, view: BundleView, directory: Directory, recipients: dict[str, Recipient]
+    ) -> dict[str, Recipient]:
+        """Add the municipal units that serve where the patient lives (``[residence]`` in the
+        routing rules: the needs assessment of the municipality, or of the Stockholm city
+        district), found from the folkbokföringsadress, not from the message's ROL
+        (decision 0016). A unit the message names as well is told once. An address that
+        cannot be placed, or a place without such a unit, is a failed delivery with the
+        reason (unless the message names a unit in the role), never a silent drop. A
+        message without an address is routed by what it names, as before; so is a referral,
+        which is addressed to the provider it names."""
+        if view.address is None or view.referral or not self.rules.residence:
+            return recipients
+        place = await self.residence.locate(view.patient_identifier, view.address)
+        chosen = dict(recipients)
+        named = {r.role for r in recipients.values()}
+        rule = self.rules.rule(view.event, place.municipality if place else "")
+        for role, kind in sorted(self.rules.residence.items()):
+            if role not in rule.receivers and role not in rule.for_information:
+                continue
+            info = role not in rule.receivers
+            org = directory.serving(kind, place.municipality, place.district) if place else None
+            if org is not None:
+                if org.hsa_id != view.sender_hsa_id:
+                    chosen.setdefault(org.hsa_id, Recipient(org.hsa_id, org.name, role, info))
+            elif role not in named:  # nobody in the role would be told: say so
+                chosen.update([_unresolved(role, info, place)])
         return chosen
 
     async def _with_episode(
@@ -425,15 +464,16 @@ class RouteStage(Stage):
                 due_rule=self.deadlines.receipts.get(view.event.value) if due_at else None,
                 due_at=due_at,
                 escalation_level=0,
-                withheld=",".join(sorted(self.rules.withheld(recipient.role, view.contents)))
-                or None,
+                withheld=",".join(sorted(self._withheld(recipient.role, view))) or None,
                 created_at=now,
                 updated_at=now,
             )
         )
         await ledger.record(conn, delivery_id, message_id, key, State.ACCEPTED, at=received_at)
         if channel is None:
-            if org is None:
+            if recipient.unresolved:
+                reason = recipient.unresolved
+            elif org is None:
                 reason = "Mottagaren finns inte i katalogen"
             elif protected_identity and self.channels.best(org.channels):
                 reason = "Skyddad identitet: mottagaren saknar en kanal godkänd för det"
@@ -448,6 +488,14 @@ class RouteStage(Stage):
         if decision.outcome is Outcome.HOLD and due_at is not None:
             await _check_at(conn, delivery_id, due_at)  # held past its deadline: escalate
 
+    def _withheld(self, role: str, view: BundleView) -> frozenset[str]:
+        """What a recipient of ``role`` is not sent: its role's rule, and for a protected
+        identity the address, from everyone (decision 0016)."""
+        withheld = self.rules.withheld(role, view.contents)
+        if view.protected_identity and ADDRESS in view.contents:
+            withheld |= {ADDRESS}
+        return withheld
+
     def _receipt_due(
         self, event: LusEvent, org: Organisation | None, now: datetime, directory: Directory
     ) -> datetime | None:
@@ -458,6 +506,20 @@ class RouteStage(Stage):
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
         await park_message(conn, event.message_id)
+
+
+def _unresolved(role: str, info: bool, place: Residence | None) -> tuple[str, Recipient]:
+    """A recipient for a role nobody could be found for where the patient lives, named by
+    role and place only (a municipality code and district are no patient data on their own;
+    the statistics carry them too); the address is never named."""
+    if place is None:
+        where = "okänd"
+        reason = "Patientens kommun kunde inte bestämmas ur folkbokföringsadressen"
+    else:
+        where = "/".join(p for p in (place.municipality, place.district) if p)
+        reason = f"Ingen enhet för {role} i katalogen för kommun {where}"
+    hsa_id = f"{role}@{where}"
+    return hsa_id, Recipient(hsa_id, "", role, info, reason)
 
 
 async def _check_at(conn: AsyncConnection, delivery_id: str, when: datetime) -> None:
