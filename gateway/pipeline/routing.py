@@ -30,7 +30,7 @@ from gateway.model.bundle import BundleView, read_bundle
 from gateway.model.consent import Decision, Outcome, decide
 from gateway.model.consent import Recipient as ConsentRecipient
 from gateway.model.events import LusEvent
-from gateway.pipeline import gate, ledger
+from gateway.pipeline import gate, ledger, returns
 from gateway.pipeline.channels import ChannelRegistry
 from gateway.pipeline.consent import announce_status, park_message
 from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
@@ -84,8 +84,22 @@ class RoutingRules:
         )
 
     @classmethod
-    def load(cls, path: Path) -> RoutingRules:
+    def load(cls, path: Path, *more: Path) -> RoutingRules:
+        """The rules of ``path``; each of ``more`` (the return messages' rules,
+        ``returns.toml``) adds the events it names, and may not name one twice."""
+        rules = cls._load_one(path)
+        for extra in more:
+            added = cls._load_one(extra)
+            twice = set(added._rules) & set(rules._rules)
+            if twice:
+                raise ValueError(f"{extra.name}: {sorted(twice)} are already in {path.name}")
+            rules._rules.update(added._rules)
+        return rules
+
+    @classmethod
+    def _load_one(cls, path: Path) -> RoutingRules:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data.pop("returns", None)  # gateway/pipeline/returns.py reads it
         content = {
             name: ContentRule(
                 frozenset(entry.get("receivers", [])), frozenset(entry.get("withheld_from", []))
@@ -155,12 +169,20 @@ class RouteStage(Stage):
         ).one()
         if row.status != "permitted":
             return
-        view = read_bundle(json.loads(row.canonical))
+        bundle = json.loads(row.canonical)
+        view = read_bundle(bundle)
         directory = await self.directory.current(conn)
         recipients = await self._with_relations(
             conn, key, event.message_id, view, directory, bool(row.episode_key)
         )
-        if row.episode_key:
+        if returns.is_return(bundle):
+            # A party's message answers the stay; it supersedes nothing of the hospital's.
+            for hsa_id in returns.named_recipients(bundle):
+                org = directory.get(hsa_id)
+                recipients.setdefault(
+                    hsa_id, Recipient(hsa_id, org.name if org else "", "asker", False)
+                )
+        elif row.episode_key:
             recipients = await self._with_episode(
                 conn, event.message_id, row.episode_key, view.event, recipients
             )
@@ -191,7 +213,9 @@ class RouteStage(Stage):
                 directory,
                 entries,
             )
-        status, reason = _status(outcomes, bool(recipients))
+        # A party's return message goes back to the ward too (over the receipts path), so
+        # it is routed even when no other party must know.
+        status, reason = _status(outcomes, bool(recipients) or returns.to_ward(bundle))
         summary = _summary(outcomes)
         await conn.execute(
             update(messages)
