@@ -35,6 +35,7 @@ from tests.support import Broker, now_sthlm, personnummer, wait_for
 from tests.test_e2e_path import msa, send
 from tests.test_hl7_outbound import strict_problems
 from tests.test_takecare_receipts import TakeCareListener, reporting_gateway
+from tests.test_takecare_receipts import takecare as takecare  # noqa: F401 (fixture)
 
 LISTED = "SE2321000016-V010"
 BISTAND = "SE2120001637-B020"
@@ -158,3 +159,217 @@ def test_bad_input_names_the_element_and_never_echoes_it(
     for value in json.dumps(body, ensure_ascii=False).split('"'):
         if len(value) > 3 and value not in ("needs", "text", "contact", "phone", "title", "name"):
             assert value not in caught.value.text
+
+
+# --- end to end: a real gateway process, the real broker, TakeCare as a real MLLP listener
+
+
+def _fhir_return(event: LusEvent, notice_id: str, *resources: dict[str, Any]) -> dict[str, Any]:
+    """A recipient system's message Bundle, written by hand (not by the gateway's code)."""
+    comm_url = f"urn:uuid:{uuid.uuid4()}"
+    comm: dict[str, Any] = {
+        "resourceType": "Communication",
+        "status": "completed",
+        "about": [{"identifier": {"system": NOTICE_SYSTEM, "value": notice_id}}],
+    }
+    entries = []
+    for r in resources:
+        url = f"urn:uuid:{uuid.uuid4()}"
+        entries.append({"fullUrl": url, "resource": r})
+        if r["resourceType"] == "PractitionerRole":
+            comm.setdefault("payload", []).append({"contentReference": {"reference": url}})
+        if r["resourceType"] == "Communication":
+            comm.update(r)
+            entries.pop()
+    header_id = str(uuid.uuid4())
+    return {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "type": "message",
+        "entry": [
+            {
+                "fullUrl": f"urn:uuid:{header_id}",
+                "resource": {
+                    "resourceType": "MessageHeader",
+                    "id": header_id,
+                    "eventCoding": {"system": LUS_EVENT_SYSTEM, "code": event.value},
+                    "source": {"endpoint": "https://fhir.example.se/fhir"},
+                    "focus": [{"reference": comm_url}],
+                },
+            },
+            {"fullUrl": comm_url, "resource": comm},
+            *entries,
+        ],
+    }
+
+
+def _ward_returns(takecare: TakeCareListener, control_id: str) -> dict[str, dict[str, str]]:
+    """What reached TakeCare about its message ``control_id``: per return kind (MEDDELANDE),
+    the OBX values by code."""
+    out: dict[str, dict[str, str]] = {}
+    for m in takecare.oru():
+        if str(m.segment("OBR")[2]) != control_id or "LUSSVAR" not in str(m.segment("OBR")[4]):
+            continue
+        obx = {str(s[3][0][0]): str(s[5]) for s in m.segments("OBX")}
+        out[obx["MEDDELANDE"]] = obx
+    return out
+
+
+def _notice(gw: Any, org: str, event: str) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        r = httpx.get(f"{gw.base_url}/api/v1/inbox", headers=gw.token(org))
+        return next((n for n in r.json() if n["event"] == event), None)
+
+    return wait_for(found, what=f"{event} in the inbox of {org}")
+
+
+def test_every_return_kind_end_to_end(
+    tmp_path: Path, database_url: str, broker: Broker, takecare: TakeCareListener
+) -> None:
+    gw = reporting_gateway(tmp_path, database_url, broker, takecare)
+    gw.start()
+    try:
+        base = gw.base_url
+        assert msa(send(gw, admission("TC-RET", now_sthlm(), pnr=personnummer(950))))[1] == "AA"
+        at_bistand = _notice(gw, BISTAND, "inskrivningsmeddelande")
+        at_listed = _notice(gw, LISTED, "inskrivningsmeddelande")
+        at_home = _notice(gw, HOME_CARE, "inskrivningsmeddelande")
+
+        def inbox_return(org: str, notice: str, kind: str, body: Any, **who: str) -> httpx.Response:
+            return httpx.post(
+                f"{base}/api/v1/inbox/{notice}/returns/{kind}",
+                json=body,
+                headers=gw.token(org, **who),
+            )
+
+        def fhir_return(org: str, bundle: dict[str, Any]) -> httpx.Response:
+            return httpx.post(
+                f"{base}/fhir/$process-message",
+                json=bundle,
+                headers={
+                    **gw.token(org, role="integration"),
+                    "Content-Type": "application/fhir+json",
+                },
+            )
+
+        # Kvittens with needs, from the inbox: the person is the token's, never the body's.
+        r = inbox_return(
+            BISTAND, at_bistand["id"], "kvittens",
+            {"needs": ["hemtjanst", "trygghetslarm"], "text": "Larm finns", "by": "Någon Annan"},
+            name="Anna Svensson", title="Biståndshandläggare",
+        )  # fmt: skip
+        assert r.status_code == 201, r.text
+        kvittens_id = r.json()["message_id"]
+        acked = httpx.get(f"{base}/api/v1/inbox/{at_bistand['id']}", headers=gw.token(BISTAND))
+        assert acked.json()["state"] == "acknowledged"
+        assert _notice(gw, LISTED, "kvittens")["for_information"] is True
+
+        # Fast vårdkontakt, from primary care's own system over FHIR.
+        role = {
+            "resourceType": "PractitionerRole",
+            "code": [{"text": "Distriktssköterska"}],
+            "telecom": [{"system": "phone", "value": "08-123 45 67"}],
+            "practitioner": {"display": "Karin Lind"},
+        }
+        practitioner = {"resourceType": "Practitioner", "name": [{"text": "Karin Lind"}]}
+        bundle = _fhir_return(LusEvent.FAST_VARDKONTAKT, at_listed["id"], practitioner, role)
+        role_url = bundle["entry"][2]["fullUrl"]
+        bundle["entry"][3]["resource"]["practitioner"] = {"reference": role_url}
+        r = fhir_return(LISTED, bundle)
+        assert r.status_code == 200, r.text
+        assert r.json()["entry"][0]["resource"]["response"]["code"] == "ok"
+        assert (
+            r.json()["entry"][0]["resource"]["response"]["identifier"]
+            == (bundle["entry"][0]["resource"]["id"])
+        )
+        assert fhir_return(LISTED, bundle).status_code == 200  # the same again: nothing new
+        fvk = _notice(gw, BISTAND, "fast-vardkontakt")
+        assert fvk["for_information"] is False
+        assert _notice(gw, HOME_CARE, "fast-vardkontakt")["for_information"] is True
+
+        # SIP: the municipality calls one itself; declined; the plan.
+        sip = {"sip_at": "2026-11-26T10:00:00+01:00", "text": "Möte på avdelningen"}
+        assert inbox_return(BISTAND, at_bistand["id"], "kallelse-sip", sip).status_code == 201
+        assert _notice(gw, HOME_CARE, "kallelse-sip")["sender_hsa_id"] == BISTAND
+        body = {"text": "Patienten avböjer SIP"}
+        assert inbox_return(BISTAND, at_bistand["id"], "sip-avbojd", body).status_code == 201
+        body = {"text": "Hemtjänst 4 ggr/dag"}
+        assert inbox_return(BISTAND, at_bistand["id"], "sip-plan", body).status_code == 201
+
+        # A request for information and its answer, which reaches the party that asked.
+        body = {"text": "Vilka hjälpmedel behövs?"}
+        r = inbox_return(HOME_CARE, at_home["id"], "informationsbegaran", body)
+        assert r.status_code == 201
+        body = {"answers": r.json()["message_id"], "text": "Rollator"}
+        assert inbox_return(BISTAND, at_bistand["id"], "informationssvar", body).status_code == 201
+        assert _notice(gw, HOME_CARE, "informationssvar")["role"] == "asker"
+
+        # Services started.
+        body = {"needs": ["hemtjanst"], "text": "Start 07:00"}
+        assert inbox_return(HOME_CARE, at_home["id"], "insatser-startade", body).status_code == 201
+        _notice(gw, BISTAND, "insatser-startade")
+
+        # A deviation over FHIR, with its category; the ward answers it to the end.
+        category = {
+            "resourceType": "Communication",
+            "reasonCode": [
+                {"coding": [{"system": returns.DEVIATION_CATEGORY_SYSTEM, "code": "kommunikation"}]}
+            ],
+            "payload": [{"contentString": "Fel datum i meddelandet"}],
+        }
+        r = fhir_return(HOME_CARE, _fhir_return(LusEvent.AVVIKELSE, at_home["id"], category))
+        assert r.status_code == 200, r.text
+        raised = wait_for(
+            lambda: [
+                d
+                for d in httpx.get(f"{base}/api/v1/deviations", headers=gw.token(HOSPITAL)).json()
+                if d["kind"] == "reported"
+            ],
+            what="the reported deviation at the ward",
+        )
+        assert "Brister i kommunikation" in raised[0]["summary"]
+        assert "Fel datum" not in raised[0]["summary"]  # the party's text stays encrypted
+        answered = httpx.post(
+            f"{base}/api/v1/deviations/{raised[0]['id']}/answer",
+            json={"text": "Rättat"},
+            headers=gw.token(HOSPITAL),
+        )
+        assert answered.json()["status"] == "answered"
+
+        # Bad inputs: another organisation's notice, a wrong need, a bad FHIR Bundle.
+        r = inbox_return(NIGHT, at_bistand["id"], "kvittens", {"needs": ["hemtjanst"]})
+        assert r.status_code == 404
+        r = inbox_return(BISTAND, at_bistand["id"], "kvittens", {"needs": ["tolvan"]})
+        assert r.status_code == 422 and r.json()["issue"][0]["expression"] == ["needs[0]"]
+        r = inbox_return(BISTAND, at_bistand["id"], "utskrivningsklar", {"text": "x"})
+        assert r.status_code == 422
+        no_phone = _fhir_return(
+            LusEvent.FAST_VARDKONTAKT, at_listed["id"], practitioner, {**role, "telecom": []}
+        )
+        no_phone["entry"][3]["resource"]["practitioner"] = {
+            "reference": no_phone["entry"][2]["fullUrl"]
+        }
+        r = fhir_return(LISTED, no_phone)
+        assert r.status_code == 400 and "telecom" in r.json()["issue"][0]["expression"][0]
+        r = fhir_return(BISTAND, _fhir_return(LusEvent.SIP_PLAN, at_listed["id"], category))
+        assert r.status_code == 404  # the notice went to another organisation
+
+        # Everything went back to the ward in TakeCare, strictly valid, filed on its message.
+        kinds = {e.display for e in returns.rules().to_ward}
+        wait_for(
+            lambda: set(_ward_returns(takecare, "TC-RET")) == kinds,
+            timeout=30,
+            what="every return kind at TakeCare",
+        )
+        ward = _ward_returns(takecare, "TC-RET")
+        assert ward["Kvittens"]["UTFORDAV"] == "Anna Svensson (Biståndshandläggare)"
+        assert ward["Kvittens"]["BEHOV"] in {"Hemtjänst", "Trygghetslarm"}
+        assert ward["Fast vårdkontakt"]["FVKTELEFON"] == "08-123 45 67"
+        assert ward["Kallelse till SIP"]["SIPTID"] == "2026-11-26 10:00"
+        assert ward["Avvikelse"]["KATEGORI"].startswith("Brister i kommunikation")
+        for m in takecare.oru():
+            assert strict_problems(str(m)) == []
+        assert len([m for m in takecare.oru() if "Fast vårdkontakt" in str(m)]) == 1
+        assert kvittens_id
+    finally:
+        gw.stop()
