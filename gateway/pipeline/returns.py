@@ -68,6 +68,7 @@ class ReturnRules:
     answer_to_asker: bool
     needs: dict[str, str]
     categories: dict[str, str]
+    receipts: dict[str, str]  # event -> rule of mappings/deadlines: the receipt clock
 
     @classmethod
     def load(cls, path: Path = RETURNS_FILE) -> ReturnRules:
@@ -78,6 +79,7 @@ class ReturnRules:
             bool(data.get("answer_to_asker", True)),
             dict(data["needs"]),
             dict(data["deviation_categories"]),
+            {str(k): str(v) for k, v in data.get("receipts", {}).items()},
         )
 
 

@@ -414,7 +414,7 @@ class RouteStage(Stage):
                 municipality=org.municipality or None if org else None,
                 district=org.district or None if org else None,
                 attempts=0,
-                due_rule=self.deadlines.receipts.get(view.event.value) if due_at else None,
+                due_rule=self._receipt_rule(view.event) if due_at else None,
                 due_at=due_at,
                 escalation_level=0,
                 withheld=",".join(sorted(self.rules.withheld(recipient.role, view.contents)))
@@ -445,8 +445,16 @@ class RouteStage(Stage):
     ) -> datetime | None:
         """When the recipient's receipt is due: the event's clock, as the recipient's
         municipality counts it."""
+        name = self._receipt_rule(event)
+        if name is None:
+            return None
         town = directory.municipality(org.municipality) if org else None
-        return self.deadlines.receipt_due(event.value, now, town.name if town else "")
+        return self.deadlines.rule_for(name, town.name if town else "").due(now)
+
+    def _receipt_rule(self, event: LusEvent) -> str | None:
+        """The clock of a receipt: the deadlines' rule, or for a party's return message the
+        one returns.toml names (a rule of the deadlines)."""
+        return self.deadlines.receipts.get(event.value) or returns.rules().receipts.get(event.value)
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
         await park_message(conn, event.message_id)
