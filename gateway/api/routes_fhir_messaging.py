@@ -113,7 +113,10 @@ NOT_A_RESPONSE = {
             "code": "not-supported",
             "expression": ["Bundle.entry[0].resource.response"],
             "diagnostics": "inbound clinical messages over FHIR are not accepted here yet; "
-            "only response messages (MessageHeader.response) to deliveries of this gateway",
+            "only response messages (MessageHeader.response) to deliveries of this gateway "
+            "and the parties' return messages (kvittens, fast-vardkontakt, kallelse-sip, "
+            "sip-avbojd, sip-plan, informationsbegaran, informationssvar, avvikelse, "
+            "insatser-startade)",
         }
     ],
 }
