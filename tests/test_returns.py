@@ -149,7 +149,6 @@ def test_any_fast_vardkontakt_reaches_the_ward_strictly_valid(
         ("kallelse-sip", {"sip_at": "i morgon"}, "sip_at"),
         ("kallelse-sip", {"sip_at": "2026-11-26T10:00:00"}, "sip_at"),
         ("avvikelse", {"category": "okänd", "text": "x"}, "category"),
-        ("informationssvar", {"text": "x"}, "answers"),
         ("informationsbegaran", {}, "text"),
         ("kvittens", {"needs": "hemtjanst"}, "needs"),
         ("kvittens", {"text": 17}, "text"),
@@ -301,13 +300,22 @@ def test_every_return_kind_end_to_end(
         body = {"text": "Hemtjänst 4 ggr/dag"}
         assert inbox_return(BISTAND, at_bistand["id"], "sip-plan", body).status_code == 201
 
-        # A request for information and its answer, which reaches the party that asked.
+        # A request for information reaches the ward's inbox too; the ward answers it there,
+        # and the answer reaches the party that asked. Another party may answer by its id.
         body = {"text": "Vilka hjälpmedel behövs?"}
         r = inbox_return(HOME_CARE, at_home["id"], "informationsbegaran", body)
         assert r.status_code == 201
-        body = {"answers": r.json()["message_id"], "text": "Rollator"}
+        request_id = r.json()["message_id"]
+        at_ward = _notice(gw, HOSPITAL, "informationsbegaran")
+        assert at_ward["role"] == "ward" and at_ward["sender_hsa_id"] == HOME_CARE
+        body = {"text": "Rollator"}
+        assert inbox_return(HOSPITAL, at_ward["id"], "informationssvar", body).status_code == 201
+        answer = _notice(gw, HOME_CARE, "informationssvar")
+        assert answer["role"] == "asker" and answer["sender_hsa_id"] == HOSPITAL
+        body = {"answers": request_id, "text": "Och duschpall"}
         assert inbox_return(BISTAND, at_bistand["id"], "informationssvar", body).status_code == 201
-        assert _notice(gw, HOME_CARE, "informationssvar")["role"] == "asker"
+        r = inbox_return(BISTAND, at_bistand["id"], "informationssvar", {"text": "Vad?"})
+        assert r.status_code == 422 and r.json()["issue"][0]["expression"] == ["answers"]
 
         # Services started.
         body = {"needs": ["hemtjanst"], "text": "Start 07:00"}

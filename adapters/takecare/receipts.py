@@ -257,13 +257,16 @@ class ReceiptsToTakeCare(Stage):
         if original is None or original.source.partition("|")[0] not in self.applications:
             return
         sender = read_bundle(bundle).sender_hsa_id
+        original_bundle = json.loads(original.canonical)
+        if sender == read_bundle(original_bundle).sender_hsa_id:
+            return  # the ward's own answer (given in its inbox): TakeCare need not hear it
         org = resources_by_ref(bundle).get(f"Organization/{_org_id(sender)}", {})
         notification_id = control_id()
         payload = build_return_oru(
             notification_id,
             original.source,
             original.control_id,
-            json.loads(original.canonical),
+            original_bundle,
             bundle,
             (sender, str(org.get("name", ""))),
         )

@@ -16,7 +16,7 @@ import functools
 import json
 import tomllib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,7 @@ class ReturnMessage:
     category: str = ""
     answers: str = ""  # informationssvar: the message id of the request it answers
     person: Actor | None = field(default=None, repr=False)
+    answers_at: str = "answers"  # where the caller gives ``answers``, for an error
 
 
 def _text(value: Any, where: str, *, required: bool = False, limit: int = TEXT_MAX) -> str:
@@ -164,8 +165,6 @@ def _check(ret: ReturnMessage, where: dict[str, str]) -> ReturnMessage:
         raise ReturnInvalid(where["sip_at"], "an invitation gives the time of the SIP meeting")
     if ret.event is LusEvent.AVVIKELSE and ret.category not in r.categories:
         raise ReturnInvalid(where["category"], f"must be one of {sorted(r.categories)}")
-    if ret.event is LusEvent.INFORMATIONSSVAR and not ret.answers:
-        raise ReturnInvalid(where["answers"], "an answer names the request it answers")
     if (
         ret.event
         in (
@@ -340,6 +339,7 @@ def from_fhir(bundle: dict[str, Any], header: dict[str, Any]) -> ReturnMessage:
         ),
         answers=_identifier(comm.get("inResponseTo"), MESSAGE_SYSTEM),
         person=person,
+        answers_at=_FHIR_WHERE["answers"],
     )
     return _check(ret, _FHIR_WHERE)
 
@@ -401,7 +401,20 @@ async def accept(
     ).one_or_none()
     if notice is None or notice.recipient_hsa_id != org:
         raise ReturnInvalid("notice", "no notice with this id was sent to your organisation", 404)
-    original = json.loads(notice.canonical)
+    original, original_id = json.loads(notice.canonical), notice.message_id
+    if is_return(original):
+        # A reply to a party's message (the ward answering a request in its inbox): the stay
+        # is the one that message answers, and an answer answers that request.
+        if ret.event is LusEvent.INFORMATIONSSVAR and not ret.answers:
+            if read_bundle(original).event is LusEvent.INFORMATIONSBEGARAN:
+                ret = replace(ret, answers=notice.message_id)
+        original_id = answered_message(original)
+        root = (
+            await conn.execute(select(messages.c.canonical).where(messages.c.id == original_id))
+        ).one()
+        original = json.loads(root.canonical)
+    if ret.event is LusEvent.INFORMATIONSSVAR and not ret.answers:
+        raise ReturnInvalid(ret.answers_at, "an answer names the request it answers")
     ward = read_bundle(original).sender_hsa_id
     asker = ""
     if ret.answers:
@@ -415,16 +428,19 @@ async def accept(
             )
         ).one_or_none()
         if asked is None:
-            raise ReturnInvalid("answers", "no request for information of this stay has this id")
+            raise ReturnInvalid(
+                ret.answers_at, "no request for information of this stay has this id"
+            )
         asker = read_bundle(json.loads(asked.canonical)).sender_hsa_id
     message_id = str(uuid.uuid4())
     now = clock.now()
-    bundle = build_bundle(
-        original, notice.message_id, ret, message_id, org, org_name, now, endpoint
-    )
-    if asker and asker not in (org, ward) and rules().answer_to_asker:
+    bundle = build_bundle(original, original_id, ret, message_id, org, org_name, now, endpoint)
+    # Named beyond the rules: the ward, for a request (its staff answer it in the inbox), and
+    # the party that asked, for an answer.
+    named = ward if ret.event is LusEvent.INFORMATIONSBEGARAN else asker
+    if named and named != org and (named == ward or rules().answer_to_asker):
         comm = _communication(bundle)
-        comm["recipient"] = [{"identifier": {"system": HSA_SYSTEM, "value": asker}}]
+        comm["recipient"] = [{"identifier": {"system": HSA_SYSTEM, "value": named}}]
     row = {
         "id": message_id,
         "source": source,
@@ -660,8 +676,9 @@ def answered_message(bundle: dict[str, Any]) -> str:
     return _identifier(comm.get("about"), MESSAGE_SYSTEM) if comm else ""
 
 
-def named_recipients(bundle: dict[str, Any]) -> list[str]:
-    """HSA-ids a return names besides the rules: the party that asked, for an answer."""
+def named_recipients(bundle: dict[str, Any]) -> list[tuple[str, str]]:
+    """(HSA-id, role) a return names besides the rules: the ward for a request for
+    information, the party that asked for an answer."""
     comm = next(
         (
             e["resource"]
@@ -672,8 +689,9 @@ def named_recipients(bundle: dict[str, Any]) -> list[str]:
     )
     if not comm or not is_return(bundle):
         return []
+    role = "ward" if read_bundle(bundle).event is LusEvent.INFORMATIONSBEGARAN else "asker"
     return [
-        str(r["identifier"]["value"])
+        (str(r["identifier"]["value"]), role)
         for r in comm.get("recipient") or []
         if isinstance(r.get("identifier"), dict) and r["identifier"].get("system") == HSA_SYSTEM
     ]

@@ -177,10 +177,10 @@ class RouteStage(Stage):
         )
         if returns.is_return(bundle):
             # A party's message answers the stay; it supersedes nothing of the hospital's.
-            for hsa_id in returns.named_recipients(bundle):
+            for hsa_id, role in returns.named_recipients(bundle):
                 org = directory.get(hsa_id)
                 recipients.setdefault(
-                    hsa_id, Recipient(hsa_id, org.name if org else "", "asker", False)
+                    hsa_id, Recipient(hsa_id, org.name if org else "", role, False)
                 )
         elif row.episode_key:
             recipients = await self._with_episode(
