@@ -286,6 +286,8 @@ def test_every_return_kind_end_to_end(
             r.json()["entry"][0]["resource"]["response"]["identifier"]
             == (bundle["entry"][0]["resource"]["id"])
         )
+        (report,) = validate([r.json()])  # the gateway's answer, as another reader sees it
+        assert report.errors == [], report.text()
         assert fhir_return(LISTED, bundle).status_code == 200  # the same again: nothing new
         fvk = _notice(gw, BISTAND, "fast-vardkontakt")
         assert fvk["for_information"] is False

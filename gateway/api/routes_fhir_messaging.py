@@ -327,7 +327,14 @@ async def _return_message(
         )
     control = bundle.get("id") if isinstance(bundle.get("id"), str) else request_id
     try:
-        ret = returns.from_fhir(bundle, header)
+        try:
+            ret = returns.from_fhir(bundle, header)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+            # an element of the wrong FHIR type somewhere: say where we looked, not what
+            raise returns.ReturnInvalid(
+                "Bundle.entry.resource.where(resourceType='Communication')",
+                "the Communication or a resource it references is not valid FHIR R4 JSON",
+            ) from None
         async with request.app.state.db.transaction() as conn:
             stored = await returns.accept(
                 conn,

@@ -299,13 +299,17 @@ def from_fhir(bundle: dict[str, Any], header: dict[str, Any]) -> ReturnMessage:
         if isinstance(c, dict)
     ]
     event = LusEvent(header["eventCoding"]["code"])
+    raw_payload = comm.get("payload")
+    payload = (
+        [p for p in raw_payload if isinstance(p, dict)] if isinstance(raw_payload, list) else []
+    )
     person, _ = _person(index, comm.get("sender"))
     contact = None
     if event is LusEvent.FAST_VARDKONTAKT:
         target = next(
             (
                 r
-                for p in comm.get("payload") or []
+                for p in payload
                 if (r := resolve(index, p.get("contentReference")))
                 and r.get("resourceType") == "PractitionerRole"
             ),
@@ -317,15 +321,13 @@ def from_fhir(bundle: dict[str, Any], header: dict[str, Any]) -> ReturnMessage:
     appointment = next(
         (
             r
-            for p in comm.get("payload") or []
+            for p in payload
             if (r := resolve(index, p.get("contentReference")))
             and r.get("resourceType") == "Appointment"
         ),
         None,
     )
-    text = "\n".join(
-        str(p["contentString"]) for p in comm.get("payload") or [] if p.get("contentString")
-    )
+    text = "\n".join(str(p["contentString"]) for p in payload if p.get("contentString"))
     ret = ReturnMessage(
         event=event,
         notice_id=notice,
