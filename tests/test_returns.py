@@ -408,3 +408,39 @@ def test_the_return_rules_are_consistent_data(tmp_path: Path) -> None:
     twice.write_text('[kallelse-sip]\nreceivers = ["bistand"]\n', encoding="utf-8")
     with pytest.raises(ValueError, match="already"):
         RoutingRules.load(lus, twice)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    field=st.sampled_from(["about", "payload", "reasonCode", "sender", "inResponseTo"]),
+    value=_JSON,
+    event=st.sampled_from(sorted(returns.rules().accepted)),
+)
+def test_any_fhir_return_is_taken_or_refused_by_element(
+    field: str, value: Any, event: LusEvent
+) -> None:
+    """What $process-message does with any value in the Communication: a ReturnMessage, or
+    a refusal naming where (the API answers 400 for a structural error too, never 500)."""
+    original = _original()
+    ret = EXAMPLES[[e.event for e in EXAMPLES].index(event)]
+    bundle = build_bundle(original, original["id"], ret, "m", BISTAND, "", AT)
+    comm = next(
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Communication"
+    )
+    comm[field] = value
+    header = bundle["entry"][0]["resource"]
+    try:
+        returns.from_fhir(bundle, header)
+    except ReturnInvalid as exc:
+        assert exc.expression.startswith("Bundle")
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+        pass  # the API's 400 (routes_fhir_messaging._return_message)
