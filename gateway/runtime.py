@@ -38,6 +38,7 @@ from gateway.pipeline.followup import FollowUp, Policy
 from gateway.pipeline.intake import Intake
 from gateway.pipeline.receipts import ReceiptsStage
 from gateway.pipeline.reconciler import Reconciler
+from gateway.pipeline.returns import RETURNS_FILE
 from gateway.pipeline.routing import RouteStage, RoutingRules
 from gateway.pipeline.stage import Stage, StageRunner
 from gateway.settings import ALL_STAGES, Settings
@@ -120,7 +121,9 @@ class Gateway:
         async with db.transaction() as conn:
             await directory_store.seed_from_file(conn, directory_path(s))
         directory = directory_store.StoredDirectory()  # read per message: API edits count
-        rules = RoutingRules.load(s.routing_file or MAPPINGS_DIR / "routing" / "lus.toml")
+        rules = RoutingRules.load(
+            s.routing_file or MAPPINGS_DIR / "routing" / "lus.toml", RETURNS_FILE
+        )
         deadlines = Deadlines.load(s.deadlines_file or DEADLINES_FILE)
         residence = lookup_from(s.residence_lookup, s.postcodes_file)
         # The patient HMAC key names every pseudonym: created by the stages that key new

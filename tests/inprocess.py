@@ -22,6 +22,7 @@ from gateway.pipeline.escalation import Escalator
 from gateway.pipeline.followup import FollowUp, Policy
 from gateway.pipeline.gate import delivery_event
 from gateway.pipeline.intake import Intake
+from gateway.pipeline.returns import RETURNS_FILE
 from gateway.pipeline.routing import RouteStage, RoutingRules
 from gateway.runtime import directory_path
 from gateway.settings import Settings
@@ -94,7 +95,7 @@ class Pipeline:
         self.route = RouteStage(
             db,
             directory,
-            RoutingRules.load(MAPPINGS_DIR / "routing" / "lus.toml"),
+            RoutingRules.load(MAPPINGS_DIR / "routing" / "lus.toml", RETURNS_FILE),
             channels,
             KEYER,
             deadlines,

@@ -76,6 +76,7 @@ TABLE: dict[tuple[str, str], dict[str, tuple[str, str]] | str] = {
     ("GET", "/api/v1/inbox"): row(staff=(OK, EMPTY)),
     ("GET", "/api/v1/inbox/{notice_id}"): row(staff=(OK, NOT_FOUND)),
     ("POST", "/api/v1/inbox/{notice_id}/acknowledge"): row(staff=(OK, NOT_FOUND)),
+    ("POST", "/api/v1/inbox/{notice_id}/returns/{kind}"): row(staff=(CREATED, NOT_FOUND)),
     ("GET", "/api/v1/messages/{message_id}"): row(ops=SAME["ok"], integration=(OK, NOT_FOUND)),
     ("GET", "/api/v1/messages"): row(ops=SAME["ok"], integration=(OK, EMPTY)),
     ("POST", "/fhir/$process-message"): row(integration=(OK, FORBIDDEN)),
@@ -296,6 +297,9 @@ def builders() -> dict[tuple[str, str], Callable[[World], Awaitable[Req]]]:
         ("GET", "/api/v1/inbox/{notice_id}"): _fixed("GET", "/api/v1/inbox/{w.notice_id}"),
         ("POST", "/api/v1/inbox/{notice_id}/acknowledge"): _fixed(
             "POST", "/api/v1/inbox/{w.notice_id}/acknowledge"
+        ),
+        ("POST", "/api/v1/inbox/{notice_id}/returns/{kind}"): _fixed(
+            "POST", "/api/v1/inbox/{w.notice_id}/returns/sip-avbojd", json={"text": "Avböjd"}
         ),
         ("GET", "/api/v1/messages/{message_id}"): _fixed(
             "GET", "/api/v1/messages/{w.message_id}", HOSPITAL

@@ -34,7 +34,8 @@ from gateway.bus import topics
 from gateway.bus.topics import Event
 from gateway.clock import STOCKHOLM
 from gateway.logs import error_fields
-from gateway.model.bundle import read_bundle, resources_by_ref
+from gateway.model.bundle import _org_id, read_bundle, resources_by_ref
+from gateway.pipeline import returns
 from gateway.pipeline.stage import Stage
 from gateway.settings import Settings
 from gateway.store.db import Database
@@ -133,6 +134,47 @@ def build_oru(
     return ("\r".join(segments) + "\r").encode("utf-8")
 
 
+def build_return_oru(
+    notification_id: str,
+    source: str,
+    original_control_id: str,
+    original: dict[str, Any],
+    bundle: dict[str, Any],
+    sender: tuple[str, str],
+) -> bytes:
+    """The ORU^R01 (v2.5) that brings a party's return message (kvittens with needs, fast
+    vårdkontakt, SIP, request or answer, deviation, services started) back to the ward,
+    filed under its own message (OBR-2 the original MSH-10) like a receipt. Each thing the
+    party said is one OBX; the whole in Swedish in the NTE."""
+    app, _, facility = source.partition("|")
+    view = read_bundle(original)
+    patient = resources_by_ref(original).get("Patient/patient", {})
+    system = patient.get("identifier", [{}])[0].get("system", "")
+    id_type = ID_TYPES.get(system.rsplit("/", 1)[-1], "")
+    names = (patient.get("name") or [{}])[0]
+    pid5 = f"{_esc(names.get('family', ''))}^{_esc(' '.join(names.get('given', [])))}^^^^^L"
+    lines = returns.ward_lines(bundle)
+    at = datetime.fromisoformat(bundle["timestamp"])
+    hsa, name = sender
+    to_app, to_facility = _fit("MSH", 5, _esc(app), IS), _fit("MSH", 6, _esc(facility), IS)
+    segments = [
+        f"MSH|^~\\&|BRYGGA|BRYGGA|{to_app}|{to_facility}|{_ts(clock.now())}||ORU^R01^ORU_R01|"
+        f"{_fit('MSH', 10, notification_id)}|P|2.5|||AL|NE|SWE|UNICODE UTF-8",
+        f"PID|1||{_fit('PID', 3, f'{_esc(view.patient_identifier)}^^^^{id_type}')}||"
+        f"{_fit('PID', 5, pid5)}",
+        f"OBR|1|{_fit('OBR', 2, _esc(original_control_id))}||LUSSVAR^Svar från part LUS^L"
+        f"|||{_ts(at)}",
+        f"OBX|1|CE|AVSANDARE^Avsändare^L||{_esc(hsa)}^{_esc(name)}^HSA||||||F",
+    ]
+    for i, (code, label, value) in enumerate(lines, start=2):
+        segments.append(
+            f"OBX|{i}|ST|{code}^{_esc(label)}^L||{_fit('OBX', 5, _esc(value))}||||||F|||{_ts(at)}"
+        )
+    summary = f"{name or hsa}: " + "; ".join(f"{label}: {value}" for _, label, value in lines)
+    segments.append(f"NTE|1||{_fit('NTE', 3, _esc(summary))}")
+    return ("\r".join(segments) + "\r").encode("utf-8")
+
+
 class ReceiptsToTakeCare(Stage):
     """Turns receipts on ``brygga.receipts`` into stored notifications for TakeCare."""
 
@@ -147,6 +189,8 @@ class ReceiptsToTakeCare(Stage):
 
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         if event.type == "message.status":
+            if event.data.get("status") in ("routed", "held", "denied"):
+                await self._return_to_ward(conn, event)
             await self._application_ack(conn, event)
             return
         state = str(event.data.get("state", ""))
@@ -191,6 +235,49 @@ class ReceiptsToTakeCare(Stage):
             state,
             payload,
             f"{event.delivery_id}:{state}",
+        )
+
+    async def _return_to_ward(self, conn: AsyncConnection, event: Event) -> None:
+        """A party's return message about a stay that came from TakeCare: to the ward."""
+        row = (
+            await conn.execute(
+                select(messages.c.canonical).where(messages.c.id == event.message_id)
+            )
+        ).one()
+        bundle = json.loads(row.canonical)
+        if not returns.to_ward(bundle):
+            return
+        original = (
+            await conn.execute(
+                select(messages.c.source, messages.c.control_id, messages.c.canonical).where(
+                    messages.c.id == returns.answered_message(bundle)
+                )
+            )
+        ).one_or_none()
+        if original is None or original.source.partition("|")[0] not in self.applications:
+            return
+        sender = read_bundle(bundle).sender_hsa_id
+        original_bundle = json.loads(original.canonical)
+        if sender == read_bundle(original_bundle).sender_hsa_id:
+            return  # the ward's own answer (given in its inbox): TakeCare need not hear it
+        org = resources_by_ref(bundle).get(f"Organization/{_org_id(sender)}", {})
+        notification_id = control_id()
+        payload = build_return_oru(
+            notification_id,
+            original.source,
+            original.control_id,
+            original_bundle,
+            bundle,
+            (sender, str(org.get("name", ""))),
+        )
+        await _store(
+            conn,
+            notification_id,
+            event.message_id,
+            None,
+            "return",
+            payload,
+            f"{event.message_id}:return",
         )
 
     async def _application_ack(self, conn: AsyncConnection, event: Event) -> None:

@@ -51,6 +51,7 @@ OWN, ALL = Reach.OWN, Reach.ALL
 POLICY: dict[str, dict[str, Reach]] = {
     "inbox.read": {"staff": OWN},
     "inbox.acknowledge": {"staff": OWN},
+    "inbox.return": {"staff": OWN},
     "message.ledger": {"ops": ALL, "integration": OWN},
     "message.find": {"ops": ALL, "integration": OWN},
     "delivery.receipt": {"integration": OWN},

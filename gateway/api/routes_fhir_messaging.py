@@ -7,7 +7,10 @@ which is the delivery id). ``ok`` records RECEIVED in the ledger; ``transient-er
 ``fatal-error`` record an attempt (``unavailable``, ``rejected``) and leave the state to the
 follow-up, which resends or falls back. The caller's organisation must be the recipient.
 
-Inbound clinical messages (a request, not a response) are not taken over FHIR yet: 422.
+A party's own message (a request, not a response) with a return event (kvittens with needs,
+fast vårdkontakt, SIP, request for information and answer, deviation, services started) is
+taken as a return message (gateway/pipeline/returns.py, decision 0018); any other request is
+not taken over FHIR: 422.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from gateway.api.routes_consent import EXAMPLE_OUTCOME, FHIR_JSON, fhir_base, ou
 from gateway.model.bundle import DEFAULT_SOURCE_ENDPOINT
 from gateway.model.events import LUS_EVENT_SYSTEM
 from gateway.model.identifiers import HSA_SYSTEM
-from gateway.pipeline import ledger
+from gateway.pipeline import ledger, returns
 from gateway.pipeline.channel_text import issue_text
 from gateway.pipeline.delivery import record_attempt
 from gateway.pipeline.ledger import State
@@ -110,7 +113,10 @@ NOT_A_RESPONSE = {
             "code": "not-supported",
             "expression": ["Bundle.entry[0].resource.response"],
             "diagnostics": "inbound clinical messages over FHIR are not accepted here yet; "
-            "only response messages (MessageHeader.response) to deliveries of this gateway",
+            "only response messages (MessageHeader.response) to deliveries of this gateway "
+            "and the parties' return messages (kvittens, fast-vardkontakt, kallelse-sip, "
+            "sip-avbojd, sip-plan, informationsbegaran, informationssvar, avvikelse, "
+            "insatser-startade)",
         }
     ],
 }
@@ -223,6 +229,8 @@ async def process_message(
         return error
     assert header is not None
     response = header.get("response")
+    if response is None and returns.is_return_request(header):
+        return await _return_message(request, who, bundle, header)
     if not isinstance(response, dict):
         return JSONResponse(NOT_A_RESPONSE, status_code=422, media_type=FHIR_JSON)
     code = response.get("code")
@@ -302,3 +310,57 @@ async def process_message(
         ),
         media_type=FHIR_JSON,
     )
+
+
+async def _return_message(
+    request: Request, who: Grant, bundle: dict[str, Any], header: dict[str, Any]
+) -> JSONResponse:
+    """A party's own message about a notice it received (decision 0018): stored like every
+    inbound message, routed to the ward and to the parties that must know. The Bundle.id is
+    the sender's dedup key: the same Bundle again changes nothing."""
+    request_id = header.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        return outcome(
+            400,
+            "Bundle.entry[0].resource.id",
+            "the MessageHeader needs an id: the answer's response.identifier names it",
+        )
+    control = bundle.get("id") if isinstance(bundle.get("id"), str) else request_id
+    try:
+        try:
+            ret = returns.from_fhir(bundle, header)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+            # an element of the wrong FHIR type somewhere: say where we looked, not what
+            raise returns.ReturnInvalid(
+                "Bundle.entry.resource.where(resourceType='Communication')",
+                "the Communication or a resource it references is not valid FHIR R4 JSON",
+            ) from None
+        async with request.app.state.db.transaction() as conn:
+            stored = await returns.accept(
+                conn,
+                ret,
+                who.org,
+                "",
+                source=f"fhir|{who.org}",
+                control_id=str(control)[:200],
+                raw=json.dumps(bundle).encode(),
+                endpoint=fhir_base(request),
+            )
+            await audit.record(
+                conn,
+                who.audit_entry(
+                    "message.return",
+                    audit.PURPOSE_LUS,
+                    stored.patient_key,
+                    stored.message_id,
+                    ret.event.value,
+                ),
+            )
+    except returns.ReturnInvalid as exc:
+        code = "not-found" if exc.status == 404 else "invalid"
+        return outcome(exc.status, exc.expression, exc.text, code=code)
+    answer = _acknowledgement(request_id, header["eventCoding"], fhir_base(request))
+    answer["entry"][0]["resource"]["focus"] = [
+        {"identifier": {"system": returns.MESSAGE_SYSTEM, "value": stored.message_id}}
+    ]
+    return JSONResponse(answer, status_code=200, media_type=FHIR_JSON)

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+from enum import Enum
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Request, status
+from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import audit
 from gateway.api.openapi import example
 from gateway.api.policy import Grant, allow
-from gateway.pipeline import inbox
+from gateway.api.routes_consent import fhir_base, outcome
+from gateway.pipeline import inbox, returns
 from gateway.pipeline.ledger import Actor
 from gateway.store.retry import in_transaction
 
 router = APIRouter(prefix="/api/v1/inbox", tags=["inbox"])
 Reader = Annotated[Grant, Depends(allow("inbox.read"))]
 Acknowledger = Annotated[Grant, Depends(allow("inbox.acknowledge"))]
+Answerer = Annotated[Grant, Depends(allow("inbox.return"))]
+ReturnKind = Enum(  # type: ignore[misc]
+    "ReturnKind", {e.name: e.value for e in sorted(returns.rules().accepted)}, type=str
+)
 NOT_FOUND = "No notice with this id in your organisation's inbox."
 
 EXAMPLE_ITEM = {
@@ -127,3 +136,90 @@ async def acknowledge(request: Request, notice_id: str, who: Acknowledger) -> di
         "already_acknowledged": not result[1],
         "receipts": receipts,
     }
+
+
+EXAMPLE_RETURN = {
+    "needs": ["hemtjanst", "trygghetslarm"],
+    "text": "Hemtjänst morgon och kväll sedan 2025, larm finns.",
+}
+RETURN_EXAMPLES: dict[str, Any] = {
+    "kvittens": {"summary": "kvittens with current needs and services", "value": EXAMPLE_RETURN},
+    "fast-vardkontakt": {
+        "summary": "fast vårdkontakt named",
+        "value": {
+            "contact": {
+                "name": "Karin Lind",
+                "title": "Distriktssköterska",
+                "phone": "08-123 45 67",
+            }
+        },
+    },
+    "kallelse-sip": {
+        "summary": "SIP invitation",
+        "value": {"sip_at": "2026-11-26T10:00:00+01:00", "text": "Möte på avdelningen"},
+    },
+    "avvikelse": {
+        "summary": "deviation with category",
+        "value": {"category": "fast-vardkontakt-saknas", "text": "Ingen fast vårdkontakt"},
+    },
+    "informationssvar": {
+        "summary": "answer to a request for information",
+        "value": {"answers": "0b9e5c7a-1d2f-4e3a-8b6c-5d4e3f2a1b0c", "text": "Svar"},
+    },
+}
+
+
+@router.post(
+    "/{notice_id}/returns/{kind}",
+    summary="Send a return message about a notice (kvittens, fast vårdkontakt, SIP, …)",
+    status_code=201,
+    responses=example(
+        {"message_id": "0b9e5c7a-1d2f-4e3a-8b6c-5d4e3f2a1b0c", "event": "kvittens"},
+        {404: NOT_FOUND},
+    ),
+)
+async def send_return(
+    request: Request,
+    notice_id: str,
+    kind: ReturnKind,
+    who: Answerer,
+    body: Annotated[dict[str, Any], Body(openapi_examples=RETURN_EXAMPLES)],
+) -> Any:
+    """A return message about a notice in your inbox, stored and routed to the ward and the
+    parties that must know (mappings/routing/returns.toml). The person is the token's (name
+    and title), never the body's. A kvittens also acknowledges the notice. Errors are an
+    OperationOutcome naming the element."""
+    actor = Actor(name=who.name, role=who.title or who.role, org=who.org)
+    try:
+        ret = returns.from_json(str(kind.value), notice_id, body, actor)
+        async with request.app.state.db.transaction() as conn:
+            if await inbox.get_notice(conn, who.org, notice_id) is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
+            stored = await returns.accept(
+                conn,
+                ret,
+                who.org,
+                "",
+                source=f"inbox|{who.org}",
+                control_id=request.headers.get("Idempotency-Key") or str(uuid.uuid4()),
+                raw=json.dumps(body).encode(),
+                endpoint=fhir_base(request),
+            )
+            await audit.record(
+                conn,
+                who.audit_entry(
+                    "message.return",
+                    audit.PURPOSE_LUS,
+                    stored.patient_key,
+                    stored.message_id,
+                    ret.event.value,
+                ),
+            )
+    except returns.ReturnInvalid as exc:
+        if exc.status == 404:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
+        return outcome(422, exc.expression, exc.text)
+    return JSONResponse(
+        {"message_id": stored.message_id, "event": ret.event.value, "duplicate": stored.duplicate},
+        status_code=200 if stored.duplicate else 201,
+    )

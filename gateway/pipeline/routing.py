@@ -32,7 +32,7 @@ from gateway.model.bundle import ADDRESS, LUS_NEEDS, BundleView, read_bundle
 from gateway.model.consent import Decision, Outcome, decide
 from gateway.model.consent import Recipient as ConsentRecipient
 from gateway.model.events import LusEvent
-from gateway.pipeline import gate, ledger, lus
+from gateway.pipeline import gate, ledger, lus, returns
 from gateway.pipeline.channels import ChannelRegistry
 from gateway.pipeline.consent import announce_status, park_message
 from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
@@ -107,8 +107,22 @@ class RoutingRules:
         )
 
     @classmethod
-    def load(cls, path: Path) -> RoutingRules:
+    def load(cls, path: Path, *more: Path) -> RoutingRules:
+        """The rules of ``path``; each of ``more`` (the return messages' rules,
+        ``returns.toml``) adds the events it names, and may not name one twice."""
+        rules = cls._load_one(path)
+        for extra in more:
+            added = cls._load_one(extra)
+            twice = set(added._rules) & set(rules._rules)
+            if twice:
+                raise ValueError(f"{extra.name}: {sorted(twice)} are already in {path.name}")
+            rules._rules.update(added._rules)
+        return rules
+
+    @classmethod
+    def _load_one(cls, path: Path) -> RoutingRules:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data.pop("returns", None)  # gateway/pipeline/returns.py reads it
         content = {
             name: ContentRule(
                 frozenset(entry.get("receivers", [])), frozenset(entry.get("withheld_from", []))
@@ -191,18 +205,27 @@ class RouteStage(Stage):
         ).one()
         if row.status != "permitted":
             return
-        view = read_bundle(json.loads(row.canonical))
+        bundle = json.loads(row.canonical)
+        view = read_bundle(bundle)
         directory = await self.directory.current(conn)
         recipients = await self._with_relations(
             conn, key, event.message_id, view, directory, bool(row.episode_key)
         )
-        # the municipality found from the patient's address first: the needs decide for it too
-        recipients = await self._with_residence(view, directory, recipients)
-        needs = await lus.needs_of(
-            conn, view, key, event.message_id, row.episode_key, row.received_at
-        )
-        recipients = self.rules.by_needs(recipients, needs)
-        if row.episode_key:
+        if returns.is_return(bundle):
+            # A party's message answers the stay; it supersedes nothing of the hospital's.
+            for hsa_id, role in returns.named_recipients(bundle):
+                org = directory.get(hsa_id)
+                recipients.setdefault(
+                    hsa_id, Recipient(hsa_id, org.name if org else "", role, False)
+                )
+        else:
+            # the municipality found from the patient's address first: the needs decide too
+            recipients = await self._with_residence(view, directory, recipients)
+            needs = await lus.needs_of(
+                conn, view, key, event.message_id, row.episode_key, row.received_at
+            )
+            recipients = self.rules.by_needs(recipients, needs)
+        if row.episode_key and not returns.is_return(bundle):
             recipients = await self._with_episode(
                 conn, event.message_id, row.episode_key, view.event, recipients
             )
@@ -233,7 +256,9 @@ class RouteStage(Stage):
                 directory,
                 entries,
             )
-        status, reason = _status(outcomes, bool(recipients))
+        # A party's return message goes back to the ward too (over the receipts path), so
+        # it is routed even when no other party must know.
+        status, reason = _status(outcomes, bool(recipients) or returns.to_ward(bundle))
         summary = _summary(outcomes)
         await conn.execute(
             update(messages)
@@ -461,7 +486,7 @@ class RouteStage(Stage):
                 municipality=org.municipality or None if org else None,
                 district=org.district or None if org else None,
                 attempts=0,
-                due_rule=self.deadlines.receipts.get(view.event.value) if due_at else None,
+                due_rule=self._receipt_rule(view.event) if due_at else None,
                 due_at=due_at,
                 escalation_level=0,
                 withheld=",".join(sorted(self._withheld(recipient.role, view))) or None,
@@ -501,8 +526,16 @@ class RouteStage(Stage):
     ) -> datetime | None:
         """When the recipient's receipt is due: the event's clock, as the recipient's
         municipality counts it."""
+        name = self._receipt_rule(event)
+        if name is None:
+            return None
         town = directory.municipality(org.municipality) if org else None
-        return self.deadlines.receipt_due(event.value, now, town.name if town else "")
+        return self.deadlines.rule_for(name, town.name if town else "").due(now)
+
+    def _receipt_rule(self, event: LusEvent) -> str | None:
+        """The clock of a receipt: the deadlines' rule, or for a party's return message the
+        one returns.toml names (a rule of the deadlines)."""
+        return self.deadlines.receipts.get(event.value) or returns.rules().receipts.get(event.value)
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
         await park_message(conn, event.message_id)
