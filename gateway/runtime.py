@@ -156,7 +156,9 @@ class Gateway:
         if "followup" in self.stages:
             policy = Policy(resend_after, s.max_resends, deadlines.escalation)
             escalator = Escalator(directory, channels, deadlines.escalation)
-            followup = FollowUp(db, channels, escalator, policy, s.followup_interval_seconds)
+            followup = FollowUp(
+                db, channels, escalator, policy, s.followup_interval_seconds, deadlines
+            )
             self._spawn(followup.run(), "followup")
             self._started.add("followup")
         stage_objects = {

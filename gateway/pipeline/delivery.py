@@ -30,6 +30,7 @@ from gateway.pipeline.channels import (
     ChannelUnavailable,
     DeliveryContext,
 )
+from gateway.pipeline.deadlines import default_deadlines
 from gateway.pipeline.ledger import State
 from gateway.pipeline.stage import Stage
 from gateway.store.db import Database
@@ -114,6 +115,7 @@ class DeliverStage(Stage):
                 deliveries.c.recipient_hsa_id,
                 deliveries.c.role,
                 deliveries.c.due_at,
+                deliveries.c.due_rule,
                 deliveries.c.withheld,
                 messages.c.canonical,
                 messages.c.episode_key,
@@ -177,7 +179,8 @@ class DeliverStage(Stage):
         )
         if outcome.state is State.RECEIVED:
             await ledger.record(conn, event.delivery_id, event.message_id, key, State.RECEIVED)
-            check = None
+            # delivered, not read: where a person's kvittens is due, look again then (0019)
+            check = row.due_at if default_deadlines().needs_person(row.due_rule) else None
         elif channel.application_receipts:
             check = now + self.resend_after
         else:

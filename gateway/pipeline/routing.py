@@ -30,10 +30,11 @@ from gateway.model.bundle import BundleView, read_bundle
 from gateway.model.consent import Decision, Outcome, decide
 from gateway.model.consent import Recipient as ConsentRecipient
 from gateway.model.events import LusEvent
-from gateway.pipeline import gate, ledger
+from gateway.pipeline import clocks, gate, ledger
 from gateway.pipeline.channels import ChannelRegistry
 from gateway.pipeline.consent import announce_status, park_message
 from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
+from gateway.pipeline.escalation import Escalator
 from gateway.pipeline.ledger import State
 from gateway.pipeline.stage import Stage
 from gateway.store.db import Database
@@ -141,6 +142,7 @@ class RouteStage(Stage):
         self.channels = channels
         self.keyer = keyer
         self.deadlines = deadlines or Deadlines.load(DEADLINES_FILE)
+        self.escalator = Escalator(directory, channels, self.deadlines.escalation)
 
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         row = (
@@ -155,7 +157,8 @@ class RouteStage(Stage):
         ).one()
         if row.status != "permitted":
             return
-        view = read_bundle(json.loads(row.canonical))
+        bundle = json.loads(row.canonical)
+        view = read_bundle(bundle)
         directory = await self.directory.current(conn)
         recipients = await self._with_relations(
             conn, key, event.message_id, view, directory, bool(row.episode_key)
@@ -203,6 +206,19 @@ class RouteStage(Stage):
                 consent_reason=outcomes[summary] if summary else None,
                 updated_at=now,
             )
+        )
+        await clocks.after_routing(  # decision 0019: on-call at once, kvittens, process clocks
+            conn,
+            self.escalator,
+            self.deadlines,
+            event.message_id,
+            key,
+            row.episode_key,
+            bundle,
+            view,
+            directory,
+            now,
+            entries,
         )
         await announce_status(conn, key, event.message_id, status, reason)
         await audit.record_many(conn, entries)
@@ -419,10 +435,8 @@ class RouteStage(Stage):
     def _receipt_due(
         self, event: LusEvent, org: Organisation | None, now: datetime, directory: Directory
     ) -> datetime | None:
-        """When the recipient's receipt is due: the event's clock, as the recipient's
-        municipality counts it."""
-        town = directory.municipality(org.municipality) if org else None
-        return self.deadlines.receipt_due(event.value, now, town.name if town else "")
+        """When the recipient's receipt is due (decision 0019)."""
+        return clocks.receipt_due(self.deadlines, event, org, now)
 
     async def park(self, conn: AsyncConnection, event: Event, key: str, error: str) -> None:
         await park_message(conn, event.message_id)

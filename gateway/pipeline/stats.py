@@ -20,7 +20,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select
@@ -30,7 +29,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from gateway import clock
 from gateway.clock import STOCKHOLM
 from gateway.model.events import LusEvent
-from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
+from gateway.pipeline.deadlines import Deadlines, default_deadlines
 from gateway.pipeline.ledger import State
 from gateway.store.tables import (
     deliveries,
@@ -94,11 +93,6 @@ class Month:
     def holds(self, moment: datetime) -> bool:
         start, end = self.bounds()
         return start <= moment < end
-
-
-@lru_cache(maxsize=1)
-def default_deadlines() -> Deadlines:
-    return Deadlines.load(DEADLINES_FILE)
 
 
 def share(part: int, whole: int) -> float | None:
