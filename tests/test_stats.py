@@ -279,7 +279,12 @@ def group(
     fallbacks: int,
     escalations: int,
     deviations: tuple[int, int],
+    exempt: list[int] | None = None,
 ) -> dict[str, Any]:
+    exempt = exempt or []
+    payable = list(days)
+    for d in exempt:
+        payable.remove(d)
     return {
         "municipality": town,
         "district": district,
@@ -297,14 +302,24 @@ def group(
             "share": round(sip[0] / sip[1], 4) if sip[1] else None,
         },
         "days_ready_to_discharge": {
-            "stays": len(days),
-            "days": sum(days),
-            "average": round(sum(days) / len(days), 2) if days else None,
+            **days_figure(days),
+            "exempt_no_sip": days_figure(exempt),
+            "payable": days_figure(payable),
         },
         "deliveries_by_channel": channels,
         "fallbacks": fallbacks,
         "escalations": escalations,
+        "on_call_at_once": 0,
         "deviations": {"open": deviations[0], "answered": deviations[1]},
+        "clocks": {},
+    }
+
+
+def days_figure(days: list[int]) -> dict[str, Any]:
+    return {
+        "stays": len(days),
+        "days": sum(days),
+        "average": round(sum(days) / len(days), 2) if days else None,
     }
 
 
@@ -320,6 +335,7 @@ SKH_NOV = group(
     1,
     1,
     (1, 1),
+    exempt=[8],  # stay B: no SIP called by the end of day 3, still in hospital (001:1525)
 )
 SOD_NOV = group(STHLM, SOD, (1, 1), (0, None), (1, 1), [4], {"inbox": 1}, 0, 0, (0, 1))
 AFTER = local(12, 20, 12)  # every clock of November has run out
@@ -358,7 +374,11 @@ async def test_municipality_filter_and_december(db: Database) -> None:
         "pending": 0,
         "share": 0.0,
     }
-    assert hud["days_ready_to_discharge"] == {"stays": 1, "days": 2, "average": 2.0}
+    assert hud["days_ready_to_discharge"] == {
+        **days_figure([2]),
+        "exempt_no_sip": days_figure([]),  # discharged before its SIP was due
+        "payable": days_figure([2]),
+    }
     assert hud["deviations"] == {"open": 1, "answered": 0}
 
 

@@ -37,7 +37,7 @@ from gateway.pipeline.deadlines import Deadlines, ProcessClock
 from gateway.pipeline.escalation import Escalator
 from gateway.pipeline.ledger import State
 from gateway.store.sql import insert_ignore
-from gateway.store.tables import deliveries, lus_clocks, messages
+from gateway.store.tables import deliveries, lus_clocks, lus_event_times, messages
 
 RUNNING, MET, LATE, CANCELLED = "running", "met", "late", "cancelled"
 DEVIATION_KIND = "missed-deadline"
@@ -114,9 +114,10 @@ async def after_routing(
         await conn.execute(select(messages.c.received_at).where(messages.c.id == message_id))
     ).scalar_one()
     if view.event is LusEvent.KVITTENS:
-        await _person_kvittens(conn, episode_key, view.sender_hsa_id, received_at)
+        await person_kvittens(conn, episode_key, view.sender_hsa_id, received_at)
     event = view.event.value
     known = facts(bundle, view)
+    await _event_time(conn, message_id, view.event, known)
     for pc in deadlines.clocks.values():
         if event in pc.cancels:
             await _cancel(conn, episode_key, pc.rule, message_id, received_at)
@@ -163,7 +164,7 @@ async def _closed_units_to_on_call(
             await escalator.to_on_call(conn, delivery_id, now, audit_later)
 
 
-async def _person_kvittens(
+async def person_kvittens(
     conn: AsyncConnection, episode_key: str, party: str, at: datetime
 ) -> None:
     """A party's KVITTENS is a person's kvittens of every notice it received in the stay
@@ -188,6 +189,20 @@ async def _person_kvittens(
             detail="Kvittens av person (kvittensmeddelande)",
             at=at,
         )
+
+
+async def _event_time(
+    conn: AsyncConnection, message_id: str, event: LusEvent, known: Facts
+) -> None:
+    """Statistics count ready-for-discharge from the physician's decision (EVN-6) and the
+    discharge from the discharge event (Encounter.period.end), not from a document."""
+    if event is LusEvent.UTSKRIVNINGSKLAR:
+        at = known.ready_at or known.occurred_at
+    elif event is LusEvent.UTSKRIVNINGSMEDDELANDE:
+        at = known.discharged_at  # None: information sent as a document, no discharge
+    else:
+        return
+    await insert_ignore(conn, lus_event_times, {"message_id": message_id, "at": at})
 
 
 async def _clock_row(conn: AsyncConnection, episode_key: str, rule: str) -> Any:

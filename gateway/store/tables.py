@@ -198,6 +198,16 @@ lus_clocks = Table(
     Index(None, "status", "due_at"),
 )
 
+# When the event a message reports happened, where it is not the message's own time: the
+# physician's ready-for-discharge decision (EVN-6) and the discharge (Encounter.period.end of
+# the discharge event; NULL for discharge information sent as a document). For statistics.
+lus_event_times = Table(
+    "lus_event_times",
+    metadata,
+    Column("message_id", String(36), ForeignKey("messages.id"), primary_key=True),
+    Column("at", UtcDateTime, nullable=True, comment="NULL: the message is no such event"),
+)
+
 receipt_events = Table(
     "receipt_events",
     metadata,

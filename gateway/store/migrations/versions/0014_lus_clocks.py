@@ -46,8 +46,18 @@ def upgrade() -> None:
         sa.UniqueConstraint("episode_key", "rule", name=op.f("uq_lus_clocks_episode_key_rule")),
     )
     op.create_index(op.f("ix_lus_clocks_status_due_at"), "lus_clocks", ["status", "due_at"])
+    op.create_table(
+        "lus_event_times",
+        sa.Column("message_id", sa.String(length=36), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=True,
+                  comment="NULL: the message is no such event"),
+        sa.ForeignKeyConstraint(["message_id"], ["messages.id"],
+                                name=op.f("fk_lus_event_times_message_id_messages")),
+        sa.PrimaryKeyConstraint("message_id", name=op.f("pk_lus_event_times")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("lus_event_times")
     op.drop_index(op.f("ix_lus_clocks_status_due_at"), table_name="lus_clocks")
     op.drop_table("lus_clocks")
