@@ -108,21 +108,21 @@ async def after_routing(
     told at once, a KVITTENS recorded as a person's kvittens, process clocks started,
     stopped or cancelled."""
     await _closed_units_to_on_call(conn, escalator, message_id, directory, now, audit_later)
-    if not episode_key:
-        return
     received_at = (
         await conn.execute(select(messages.c.received_at).where(messages.c.id == message_id))
     ).scalar_one()
     if view.event is LusEvent.KVITTENS:
-        await person_kvittens(conn, episode_key, view.sender_hsa_id, received_at)
+        await person_kvittens(conn, episode_key, view.sender_hsa_id, received_at, patient_key)
     event = view.event.value
     known = facts(bundle, view)
     await _event_time(conn, message_id, view.event, known)
     for pc in deadlines.clocks.values():
+        if event in pc.stops:  # a party's answer: its stay by the patient if not by visit
+            await _stop(conn, deadlines, episode_key, patient_key, pc.rule, message_id, received_at)
+        if not episode_key:
+            continue  # the hospital's messages carry the visit; nothing starts without it
         if event in pc.cancels:
             await _cancel(conn, episode_key, pc.rule, message_id, received_at)
-        if event in pc.stops:
-            await _stop(conn, deadlines, episode_key, pc.rule, message_id, received_at)
         if event in pc.starts:
             await _start(
                 conn,
@@ -165,15 +165,24 @@ async def _closed_units_to_on_call(
 
 
 async def person_kvittens(
-    conn: AsyncConnection, episode_key: str, party: str, at: datetime
+    conn: AsyncConnection,
+    episode_key: str | None,
+    party: str,
+    at: datetime,
+    patient_key: str | None = None,
 ) -> None:
     """A party's KVITTENS is a person's kvittens of every notice it received in the stay
-    and has not yet receipted so."""
+    (by the visit, else every notice of the patient's) and has not yet receipted so."""
+    stay = (
+        messages.c.episode_key == episode_key
+        if episode_key
+        else messages.c.patient_key == patient_key
+    )
     rows = await conn.execute(
         select(deliveries.c.id, deliveries.c.message_id, messages.c.patient_key)
         .join(messages, messages.c.id == deliveries.c.message_id)
         .where(
-            messages.c.episode_key == episode_key,
+            stay,
             deliveries.c.recipient_hsa_id == party,
             deliveries.c.due_at.is_not(None),
             deliveries.c.state.not_in([State.ACKNOWLEDGED.value, State.DENIED.value]),
@@ -205,12 +214,34 @@ async def _event_time(
     await insert_ignore(conn, lus_event_times, {"message_id": message_id, "at": at})
 
 
-async def _clock_row(conn: AsyncConnection, episode_key: str, rule: str) -> Any:
+async def _clock_row(
+    conn: AsyncConnection, episode_key: str | None, rule: str, patient_key: str | None = None
+) -> Any:
+    """The stay's clock; for a party's answer that names no visit of the hospital's (its
+    own system's ids), the patient's latest clock of that rule still owed."""
+    if episode_key:
+        row = (
+            await conn.execute(
+                select(lus_clocks).where(
+                    lus_clocks.c.episode_key == episode_key, lus_clocks.c.rule == rule
+                )
+            )
+        ).one_or_none()
+        if row is not None or patient_key is None:
+            return row
+    if patient_key is None:
+        return None
     return (
         await conn.execute(
-            select(lus_clocks).where(
-                lus_clocks.c.episode_key == episode_key, lus_clocks.c.rule == rule
+            select(lus_clocks)
+            .where(
+                lus_clocks.c.patient_key == patient_key,
+                lus_clocks.c.rule == rule,
+                lus_clocks.c.stopped_at.is_(None),
+                lus_clocks.c.status.in_([RUNNING, LATE]),
             )
+            .order_by(lus_clocks.c.started_at.desc())
+            .limit(1)
         )
     ).one_or_none()
 
@@ -232,13 +263,14 @@ async def _cancel(
 async def _stop(
     conn: AsyncConnection,
     deadlines: Deadlines,
-    episode_key: str,
+    episode_key: str | None,
+    patient_key: str | None,
     rule: str,
     message_id: str,
     at: datetime,
 ) -> None:
     """The step was taken: met if in time, else late (and its deviation, once)."""
-    row = await _clock_row(conn, episode_key, rule)
+    row = await _clock_row(conn, episode_key, rule, patient_key)
     if row is None or row.stopped_at is not None or row.status == CANCELLED:
         return
     status = MET if at <= row.due_at else LATE
@@ -310,7 +342,7 @@ async def _start(
     else:
         return  # a later version does not move a clock already running or done
     if pc.rule == "inskrivningsmeddelande":  # the notice is its own stop
-        await _stop(conn, deadlines, episode_key, pc.rule, message_id, received_at)
+        await _stop(conn, deadlines, episode_key, None, pc.rule, message_id, received_at)
 
 
 def _start_time(rule: str, known: Facts, now: datetime) -> datetime | None:

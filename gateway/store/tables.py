@@ -196,6 +196,7 @@ lus_clocks = Table(
     Column("deviation_id", String(36), nullable=True, comment="raised when it ran out"),
     UniqueConstraint("episode_key", "rule"),
     Index(None, "status", "due_at"),
+    Index(None, "patient_key", "rule"),
 )
 
 # When the event a message reports happened, where it is not the message's own time: the

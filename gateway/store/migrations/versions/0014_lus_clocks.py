@@ -46,6 +46,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("episode_key", "rule", name=op.f("uq_lus_clocks_episode_key_rule")),
     )
     op.create_index(op.f("ix_lus_clocks_status_due_at"), "lus_clocks", ["status", "due_at"])
+    op.create_index(op.f("ix_lus_clocks_patient_key_rule"), "lus_clocks", ["patient_key", "rule"])
     op.create_table(
         "lus_event_times",
         sa.Column("message_id", sa.String(length=36), nullable=False),
@@ -59,5 +60,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("lus_event_times")
+    op.drop_index(op.f("ix_lus_clocks_patient_key_rule"), table_name="lus_clocks")
     op.drop_index(op.f("ix_lus_clocks_status_due_at"), table_name="lus_clocks")
     op.drop_table("lus_clocks")
