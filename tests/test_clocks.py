@@ -11,16 +11,20 @@ the hospital's, so the clock is found by the patient.
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
-from gateway.directory import Endpoint
+from gateway.directory import Endpoint, Hours, Organisation
 from gateway.model.bundle import CanonicalMessage, CareParty
 from gateway.model.events import LusEvent as E
 from gateway.pipeline import stats
 from gateway.pipeline.channels import ChannelRegistry, InboxChannel
+from gateway.pipeline.clocks import receipt_due
+from gateway.pipeline.deadlines import default_deadlines
 from gateway.pipeline.ledger import State
 from gateway.store.db import Database
 from gateway.store.tables import deliveries, deviations, lus_clocks, messages
@@ -361,3 +365,22 @@ async def test_a_closed_unit_s_notice_goes_to_its_on_call_unit_at_once(
         every = (await conn.execute(select(deliveries.c.role))).scalars().all()
     escalated = sum(1 for role in every if role == "eskalering")
     assert (skh["on_call_at_once"], skh["escalations"]) == (1, escalated)
+
+
+@settings(deadline=None)  # the first call loads the holiday calendar
+@given(
+    st.datetimes(
+        min_value=datetime(2026, 1, 1),
+        max_value=datetime(2027, 12, 31),
+        timezones=st.just(STOCKHOLM),
+    )
+)
+def test_around_the_clock_is_elapsed_and_never_later_than_weekday_hours(start: datetime) -> None:
+    night = Organisation(NIGHT, "Natt", "home-care-night", "0180")
+    office = replace(night, hours=(Hours(frozenset(range(5)), time(8), time(17)),))
+    event = E.INSKRIVNINGSMEDDELANDE
+    elapsed = receipt_due(default_deadlines(), event, night, start)
+    weekdays = receipt_due(default_deadlines(), event, office, start)
+    assert elapsed is not None and weekdays is not None
+    assert elapsed - start == timedelta(hours=24)  # real hours, across clock changes too
+    assert elapsed <= weekdays

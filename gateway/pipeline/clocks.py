@@ -371,11 +371,11 @@ async def _responsible(
         place = await _municipal_place(conn, message_id, directory)
         return view.sender_hsa_id, place or sender
     rows = await conn.execute(
-        select(deliveries.c.recipient_hsa_id).where(
-            deliveries.c.message_id == message_id, deliveries.c.escalated_from.is_(None)
-        )
+        select(deliveries.c.recipient_hsa_id)
+        .where(deliveries.c.message_id == message_id, deliveries.c.escalated_from.is_(None))
+        .order_by(deliveries.c.for_information, deliveries.c.recipient_hsa_id)
     )
-    for (hsa_id,) in rows.all():
+    for (hsa_id,) in rows.all():  # one who must act before one told for information
         org = directory.get(hsa_id)
         if org and org.kind == pc.responsible:
             return hsa_id, org
@@ -388,15 +388,15 @@ async def _municipal_place(
     """SEAM (issue 11, `who`): the patient's municipality and district from the Bundle. Until
     then a clock the ward owes is counted where its first municipal recipient is."""
     rows = await conn.execute(
-        select(deliveries.c.recipient_hsa_id)
-        .where(deliveries.c.message_id == message_id, deliveries.c.escalated_from.is_(None))
-        .order_by(deliveries.c.district.desc())
+        select(deliveries.c.recipient_hsa_id).where(
+            deliveries.c.message_id == message_id, deliveries.c.escalated_from.is_(None)
+        )
     )
-    for (hsa_id,) in rows.all():
-        org = directory.get(hsa_id)
-        if org and org.kind != "hospital" and org.municipality:
-            return org
-    return None
+    found = [directory.get(hsa_id) for (hsa_id,) in rows.all()]
+    municipal = [o for o in found if o and o.kind != "hospital" and o.municipality]
+    # the narrowest place first (a district's unit), then by HSA-id: the same on both databases
+    municipal.sort(key=lambda o: (not o.district, o.hsa_id))
+    return municipal[0] if municipal else None
 
 
 async def check_due(conn: AsyncConnection, deadlines: Deadlines, now: datetime) -> int:
