@@ -166,7 +166,7 @@ class Gateway:
             "route": lambda: RouteStage(
                 db, directory, rules, channels, _required(keyer), deadlines
             ),
-            "deliver": lambda: DeliverStage(db, channels, directory, resend_after),
+            "deliver": lambda: DeliverStage(db, channels, directory, resend_after, deadlines),
             "receipts": lambda: ReceiptsStage(db),
         }
 
