@@ -116,9 +116,13 @@ async def after_routing(
     event = view.event.value
     known = facts(bundle, view)
     await _event_time(conn, message_id, view.event, known)
+    # A party's answer names no visit of the hospital's: its stay is found by the patient. A
+    # hospital's message is found by its visit only, never another stay's.
+    sender = directory.get(view.sender_hsa_id)
+    by_patient = None if sender is not None and sender.kind == "hospital" else patient_key
     for pc in deadlines.clocks.values():
-        if event in pc.stops:  # a party's answer: its stay by the patient if not by visit
-            await _stop(conn, deadlines, episode_key, patient_key, pc.rule, message_id, received_at)
+        if event in pc.stops:
+            await _stop(conn, deadlines, episode_key, by_patient, pc.rule, message_id, received_at)
         if not episode_key:
             continue  # the hospital's messages carry the visit; nothing starts without it
         if event in pc.cancels:
