@@ -413,12 +413,12 @@ async def check_due(conn: AsyncConnection, deadlines: Deadlines, now: datetime) 
         )
     ).all()
     for row in rows:
-        await conn.execute(
+        taken = await conn.execute(  # two follow-up workers: only the one that moves it raises
             update(lus_clocks)
             .where(lus_clocks.c.id == row.id, lus_clocks.c.status == RUNNING)
             .values(status=LATE)
         )
-        if row.deviation_id is None:
+        if taken.rowcount == 1 and row.deviation_id is None:
             await _raise(conn, deadlines, row, now)
     return len(rows)
 
