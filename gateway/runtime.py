@@ -161,7 +161,9 @@ class Gateway:
         if "followup" in self.stages:
             policy = Policy(resend_after, s.max_resends, deadlines.escalation)
             escalator = Escalator(directory, channels, deadlines.escalation)
-            followup = FollowUp(db, channels, escalator, policy, s.followup_interval_seconds)
+            followup = FollowUp(
+                db, channels, escalator, policy, s.followup_interval_seconds, deadlines
+            )
             self._spawn(followup.run(), "followup")
             self._started.add("followup")
         stage_objects = {
@@ -169,7 +171,7 @@ class Gateway:
             "route": lambda: RouteStage(
                 db, directory, rules, channels, _required(keyer), deadlines, residence
             ),
-            "deliver": lambda: DeliverStage(db, channels, directory, resend_after),
+            "deliver": lambda: DeliverStage(db, channels, directory, resend_after, deadlines),
             "receipts": lambda: ReceiptsStage(db),
         }
 

@@ -116,21 +116,21 @@ TABLE = [
         "home care: Huddinge, 24 h every day",
         "hemtjanst-start",
         "2026-11-27 15:00",
-        "Huddinge",
+        "0126",
         "2026-11-28 15:00",
     ),
     (
         "home care: Stockholm over Christmas",
         "hemtjanst-start",
         "2026-12-23 10:00",
-        "Stockholm",
+        "0180",
         "2026-12-30 10:00",
     ),
     (
         "a municipality without an override uses the rule",
         "kallelse-sip",
         "2026-11-27 15:00",
-        "Huddinge",
+        "0126",
         "2026-11-30 23:59:59",
     ),
 ]
@@ -156,7 +156,7 @@ def test_the_calendar() -> None:
 def test_unknown_rules_and_municipalities_are_named() -> None:
     with pytest.raises(DeadlineError, match="no rule 'x'; rules: fast-vardkontakt"):
         DEADLINES.rule("x")
-    with pytest.raises(DeadlineError, match="no municipality 'Y'; known: Huddinge"):
+    with pytest.raises(DeadlineError, match="no municipality 'Y'; known: 0126"):
         DEADLINES.rule("kallelse-sip", "Y")
     with pytest.raises(DeadlineError, match="needs a time zone"):
         DEADLINES.due("kallelse-sip", datetime(2026, 11, 27, 15, 0))
@@ -170,6 +170,38 @@ def test_a_bad_rule_file_says_where(tmp_path) -> None:  # type: ignore[no-untype
     bad.write_text('[rules.x]\nkind = "elapsed_hours"\n[municipalities.M.y]\nkind = "x"\n')
     with pytest.raises(DeadlineError, match=r"\[municipalities.M.y\] overrides no rule"):
         Deadlines.load(bad)
+    rule = '[rules.x]\nkind = "elapsed_hours"\n'
+    for text, message in (
+        ('[kvittens]\nby_a_person = ["y"]\n', r"\[kvittens\] by_a_person names no rule \['y'\]"),
+        ('[clocks.y]\nstarts = ["kvittens"]\n', r"\[clocks.y\] names no rule"),
+        ('[clocks.x]\nstarts = ["ankomst"]\n', r"\[clocks.x\] starts: no event \['ankomst'\]"),
+        ("[clocks.x]\nstarts = []\n", r"\[clocks.x\] starts no event"),
+        (
+            '[clocks.x]\nstarts = ["kvittens"]\nresponsible = "mas"\n',
+            r"\[clocks.x\] responsible must be one of",
+        ),
+    ):
+        bad.write_text(rule + text, encoding="utf-8")
+        with pytest.raises(DeadlineError, match=message):
+            Deadlines.load(bad)
+
+
+def test_the_shipped_clocks_and_kvittens() -> None:
+    """The routine's clocks as decision 0019 records them."""
+    assert DEADLINES.kvittens.by_a_person == frozenset({"kvittens-inskrivning"})
+    assert {
+        n: (sorted(c.starts), sorted(c.stops), c.responsible) for n, c in DEADLINES.clocks.items()
+    } == {
+        "inskrivningsmeddelande": (["inskrivningsmeddelande"], [], "sender"),
+        "fast-vardkontakt": (["inskrivningsmeddelande"], ["fast-vardkontakt"], "primary-care"),
+        "kallelse-sip": (["utskrivningsklar"], ["kallelse-sip", "sip-avbojd"], "primary-care"),
+        "utskrivningsinformation": (
+            ["planeringsunderlag", "utskrivningsklar"],
+            ["utskrivningsmeddelande"],
+            "sender",
+        ),
+        "hemtjanst-start": (["utskrivningsmeddelande"], ["insatser-startade"], "home-care"),
+    }
 
 
 starts = st.datetimes(
@@ -222,7 +254,7 @@ def test_brygga_clock_prints_the_due_time_last() -> None:
             "hemtjanst-start",
             "2026-11-27T15:00:00+01:00",
             "--municipality",
-            "Huddinge",
+            "0126",
         ],
         capture_output=True,
         text=True,

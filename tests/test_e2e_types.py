@@ -80,10 +80,16 @@ def settled(gw: GatewayProcess, message_id: str) -> dict[str, Any]:
     return wait_for(done, what=f"message {message_id} routed and delivered")
 
 
+def named(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The deliveries to the parties the message named: not the on-call unit told at once
+    because a unit was closed when it came (decision 0019; depends on the hour it runs)."""
+    return [d for d in doc["deliveries"] if d["role"] != "jour"]
+
+
 def recipients(doc: dict[str, Any]) -> dict[str, bool]:
     """hsa id -> för kännedom, for the deliveries that reached an inbox."""
-    assert all(d["state"] == "delivered" for d in doc["deliveries"]), doc["deliveries"]
-    return {d["recipient"]["hsa_id"]: d["for_information"] for d in doc["deliveries"]}
+    assert all(d["state"] == "delivered" for d in named(doc)), doc["deliveries"]
+    return {d["recipient"]["hsa_id"]: d["for_information"] for d in named(doc)}
 
 
 def test_a_whole_episode_of_every_message_type_reaches_the_inboxes(
@@ -170,4 +176,4 @@ def test_a_whole_episode_of_every_message_type_reaches_the_inboxes(
         assert home[sent[cancellation]]["notice"] == "", cancellation
     # The operations view lists the same four recipients for the retracted discharge.
     doc = ledger(gw, sent["discharge"])
-    assert {d["recipient"]["hsa_id"] for d in doc["deliveries"]} == ALL
+    assert {d["recipient"]["hsa_id"] for d in named(doc)} == ALL

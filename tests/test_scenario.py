@@ -29,9 +29,10 @@ from gateway.directory import Directory, Endpoint, Hours, Municipality, Organisa
 from gateway.model.bundle import CanonicalMessage, CareParty, ConsentBasis
 from gateway.model.events import LusEvent
 from gateway.model.identifiers import parse_identity_number
+from gateway.pipeline import clocks
 from gateway.pipeline.channels import ChannelRegistry, InboxChannel
 from gateway.store.db import Database
-from gateway.store.tables import deliveries, delivery_attempts, deviations
+from gateway.store.tables import deliveries, delivery_attempts, deviations, lus_clocks, messages
 from tests.conftest import FixedClock
 from tests.inprocess import KEYER, Pipeline
 from tests.standins import FhirReceiver, MllpReceiver, response_bundle
@@ -84,6 +85,7 @@ def directory(r: Receivers) -> Directory:
                     Endpoint("hl7v2", r.clinic_hl7.address),
                     Endpoint("inbox"),
                 ),
+                hours=day_hours,  # office hours: its receipt clock counts weekday hours
             ),
             Organisation(
                 BISTAND,
@@ -95,8 +97,13 @@ def directory(r: Receivers) -> Directory:
                 day_hours,
                 ON_CALL,
             ),
-            Organisation(
-                DAY, "Omsorgshuset Hemtjänst AB", "home-care", "0180", district="Skärholmen"
+            Organisation(  # day home care: staffed 07-22 every day, so weekday-hour clocks
+                DAY,
+                "Omsorgshuset Hemtjänst AB",
+                "home-care",
+                "0180",
+                district="Skärholmen",
+                hours=(Hours(frozenset(range(7)), time(7), time(22), holidays=True),),
             ),
             Organisation(
                 NIGHT,
@@ -253,6 +260,18 @@ async def test_a_care_episode_with_six_recipients(episode: Episode) -> None:
     r.clinic_fhir.down = r.clinic_hl7.down = False  # back for the rest of the stay
     await e.acknowledge("inskrivning", CLINIC, at(21, 9))
     assert (await e.delivery("inskrivning", BISTAND)).state == "received"
+    # Its system's receipt proves delivery only: the admission notice needs a person's
+    # kvittens (decision 0019), which its system sends back on Monday (a KVITTENS message,
+    # as the return path records it).
+    await e.advance(at(21, 9, 30))
+    async with e.db.transaction() as conn:
+        episode = (
+            await conn.execute(
+                select(messages.c.episode_key).where(messages.c.id == e.sent["inskrivning"])
+            )
+        ).scalar_one()
+        await clocks.person_kvittens(conn, episode, BISTAND, at(21, 9, 30))
+    assert (await e.delivery("inskrivning", BISTAND)).state == "acknowledged"
     assert (await e.delivery("inskrivning", NIGHT)).for_information  # no receipt owed
 
     # The planning information, and the discharge date moving twice (28th, 23rd, 29th).
@@ -324,9 +343,27 @@ async def test_a_care_episode_with_six_recipients(episode: Episode) -> None:
             assert (up.role, up.escalated_from) == ("eskalering", night.id)
     async with e.db.read() as conn:
         raised = (await conn.execute(select(deviations))).all()
-    assert sorted((d.kind, d.responsible_hsa_id, d.status) for d in raised) == [
+    receipts_missed = [d for d in raised if d.kind == "missed-receipt"]
+    assert sorted((d.kind, d.responsible_hsa_id, d.status) for d in receipts_missed) == [
         ("missed-receipt", MAS, "open")
     ] * len(late)
+    async with e.db.read() as conn:
+        clock_rows = (await conn.execute(select(lus_clocks))).all()
+    # The routine's own clocks (decision 0019): the notice came within 24 h of admission, the
+    # SIP invitation within 3 days; no fast vårdkontakt was named, the discharge information
+    # came on the day of discharge (due 12:00 the weekday before), and home care has not
+    # reported its start (due in January).
+    assert sorted((c.rule, c.status, c.responsible_hsa_id) for c in clock_rows) == [
+        ("fast-vardkontakt", "late", CLINIC),
+        ("hemtjanst-start", "running", DAY),
+        ("inskrivningsmeddelande", "met", WARD),
+        ("kallelse-sip", "met", CLINIC),
+        ("utskrivningsinformation", "late", WARD),
+    ]
+    assert sorted((d.kind, d.responsible_hsa_id) for d in raised if d not in receipts_missed) == [
+        ("missed-deadline", WARD),
+        ("missed-deadline", CLINIC),
+    ]
     # Seven messages; the SÄBO system and needs assessment showed each once, resent or not.
     assert (len(r.sabo.received), len(r.sabo.shown)) == (7, 7)
     assert (len(r.bistand.received), len(r.bistand.shown)) == (8, 7)
@@ -347,11 +384,34 @@ async def test_a_care_episode_with_six_recipients(episode: Episode) -> None:
         "minutes_to_read": {"read": 6, "median": 60.0},
         "sip_invited_within_3_days": {"in_time": 1, "stays": 1, "pending": 0, "share": 1.0},
         # Ready Tuesday 22nd, discharged Tuesday 29th: 8 calendar days, day 0 included.
-        "days_ready_to_discharge": {"stays": 1, "days": 8, "average": 8.0},
+        "days_ready_to_discharge": {
+            "stays": 1,
+            "days": 8,
+            "average": 8.0,
+            "exempt_no_sip": {"stays": 0, "days": 0, "average": None},
+            "payable": {"stays": 1, "days": 8, "average": 8.0},
+        },
         "deliveries_by_channel": {"fhir": 7, "hl7v2": 7, "inbox": 14},
         "fallbacks": 0,
         "escalations": 12,  # four late notices, three steps each
-        "deviations": {"open": 4, "answered": 0},
+        "on_call_at_once": 0,
+        "deviations": {"open": 5, "answered": 0},  # and the late discharge information
+        "clocks": {
+            "inskrivningsmeddelande": {
+                "in_time": 1,
+                "late": 0,
+                "due": 1,
+                "pending": 0,
+                "share": 1.0,
+            },
+            "utskrivningsinformation": {
+                "in_time": 0,
+                "late": 1,
+                "due": 1,
+                "pending": 0,
+                "share": 0.0,
+            },
+        },
     }
     assert groups[None] == {
         "municipality": "0180",
@@ -359,11 +419,22 @@ async def test_a_care_episode_with_six_recipients(episode: Episode) -> None:
         "notices_acknowledged_in_time": {"in_time": 9, "due": 9, "pending": 0, "share": 1.0},
         "minutes_to_read": {"read": 7, "median": 60.0},
         "sip_invited_within_3_days": {"in_time": 0, "stays": 0, "pending": 0, "share": None},
-        "days_ready_to_discharge": {"stays": 0, "days": 0, "average": None},
+        "days_ready_to_discharge": {
+            "stays": 0,
+            "days": 0,
+            "average": None,
+            "exempt_no_sip": {"stays": 0, "days": 0, "average": None},
+            "payable": {"stays": 0, "days": 0, "average": None},
+        },
         # The clinic's six by FHIR; the inbox: its admission, rehab's 7, and the 12
         # escalation notices to the on-call unit, the MAS and the ward.
         "deliveries_by_channel": {"fhir": 6, "inbox": 20},
         "fallbacks": 2,  # the admission: FHIR to HL7 v2, HL7 v2 to the inbox
         "escalations": 0,
-        "deviations": {"open": 0, "answered": 0},
+        "on_call_at_once": 0,
+        "deviations": {"open": 1, "answered": 0},  # the clinic's fast vårdkontakt, late
+        "clocks": {
+            "fast-vardkontakt": {"in_time": 0, "late": 1, "due": 1, "pending": 0, "share": 0.0},
+            "kallelse-sip": {"in_time": 1, "late": 0, "due": 1, "pending": 0, "share": 1.0},
+        },
     }

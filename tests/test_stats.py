@@ -25,7 +25,15 @@ from gateway.crypto.columns import seal_row
 from gateway.model.events import LusEvent as E
 from gateway.pipeline.stats import Month, MonthError, Stay, monthly
 from gateway.store.db import Database
-from gateway.store.tables import deliveries, delivery_attempts, deviations, messages, receipt_events
+from gateway.store.tables import (
+    deliveries,
+    delivery_attempts,
+    deviations,
+    lus_clocks,
+    lus_event_times,
+    messages,
+    receipt_events,
+)
 
 STHLM, HUDDINGE = "0180", "0126"
 SKH, SOD = "Skärholmen", "Södermalm"
@@ -279,7 +287,12 @@ def group(
     fallbacks: int,
     escalations: int,
     deviations: tuple[int, int],
+    exempt: list[int] | None = None,
 ) -> dict[str, Any]:
+    exempt = exempt or []
+    payable = list(days)
+    for d in exempt:
+        payable.remove(d)
     return {
         "municipality": town,
         "district": district,
@@ -297,14 +310,24 @@ def group(
             "share": round(sip[0] / sip[1], 4) if sip[1] else None,
         },
         "days_ready_to_discharge": {
-            "stays": len(days),
-            "days": sum(days),
-            "average": round(sum(days) / len(days), 2) if days else None,
+            **days_figure(days),
+            "exempt_no_sip": days_figure(exempt),
+            "payable": days_figure(payable),
         },
         "deliveries_by_channel": channels,
         "fallbacks": fallbacks,
         "escalations": escalations,
+        "on_call_at_once": 0,
         "deviations": {"open": deviations[0], "answered": deviations[1]},
+        "clocks": {},
+    }
+
+
+def days_figure(days: list[int]) -> dict[str, Any]:
+    return {
+        "stays": len(days),
+        "days": sum(days),
+        "average": round(sum(days) / len(days), 2) if days else None,
     }
 
 
@@ -320,6 +343,7 @@ SKH_NOV = group(
     1,
     1,
     (1, 1),
+    exempt=[8],  # stay B: no SIP called by the end of day 3, still in hospital (001:1525)
 )
 SOD_NOV = group(STHLM, SOD, (1, 1), (0, None), (1, 1), [4], {"inbox": 1}, 0, 0, (0, 1))
 AFTER = local(12, 20, 12)  # every clock of November has run out
@@ -358,7 +382,11 @@ async def test_municipality_filter_and_december(db: Database) -> None:
         "pending": 0,
         "share": 0.0,
     }
-    assert hud["days_ready_to_discharge"] == {"stays": 1, "days": 2, "average": 2.0}
+    assert hud["days_ready_to_discharge"] == {
+        **days_figure([2]),
+        "exempt_no_sip": days_figure([]),  # discharged before its SIP was due
+        "payable": days_figure([2]),
+    }
     assert hud["deviations"] == {"open": 1, "answered": 0}
 
 
@@ -437,3 +465,106 @@ async def test_stats_endpoint(db: Database, client: Any) -> None:
     op = spec["paths"]["/api/v1/stats"]["get"]
     assert op["responses"]["200"]["content"]["application/json"]["example"]["groups"]
     assert {p["name"] for p in op["parameters"]} == {"month", "municipality"}
+
+
+# ------------------------------------------------- the routine's clocks (decision 0019)
+
+BOTKYRKA = "0127"
+
+
+async def write_clocks_month(db: Database) -> None:
+    """Botkyrka's November: stays timed by the event itself, and the routine's clocks."""
+    async with db.transaction() as conn:
+        rows = Rows(conn)
+
+        async def timed(event: str, stay: str, sent: datetime, at: datetime | None) -> str:
+            mid = await rows.message(event, stay, sent)
+            await conn.execute(insert(lus_event_times).values(message_id=mid, at=at))
+            await rows.delivery(mid, BOTKYRKA, channel=None, created=sent, for_information=True)
+            return mid
+
+        # H: the physician's decision (EVN-6) Monday 9th 15:00, the message the 10th; the
+        # discharge information as a document on the 11th (no discharge), the discharge
+        # event (A03, PV1-45) on the 12th: 9, 10, 11, 12 = 4 days. SIP on the 11th.
+        await timed(E.UTSKRIVNINGSKLAR, "H", nov(10, 10), nov(9, 15))
+        await timed(E.UTSKRIVNINGSMEDDELANDE, "H", nov(11, 9), None)
+        await timed(E.UTSKRIVNINGSMEDDELANDE, "H", nov(12, 12), nov(12, 11))
+        await timed(E.KALLELSE_SIP, "H", nov(11, 10), nov(11, 10))
+        # I: ready the 2nd, no SIP called by the end of the 5th, discharged the 9th: 8 days,
+        # exempt from the municipality's payment (001:1525).
+        await timed(E.UTSKRIVNINGSKLAR, "I", nov(2, 9), nov(2, 9))
+        await timed(E.UTSKRIVNINGSMEDDELANDE, "I", nov(9, 14), nov(9, 14))
+        # J: ready the 16th, the SIP offered and declined the 17th (in time).
+        await timed(E.UTSKRIVNINGSKLAR, "J", nov(16, 9), nov(16, 9))
+        await timed(E.SIP_AVBOJD, "J", nov(17, 9), nov(17, 9))
+
+        first = await rows.message(E.INSKRIVNINGSMEDDELANDE, "K", nov(1, 9))
+
+        async def clock(rule: str, status: str, due: datetime, stopped: datetime | None) -> None:
+            await conn.execute(
+                insert(lus_clocks).values(
+                    id=f"c-{next(_ids)}",
+                    episode_key=f"ep-clock-{next(_ids)}",
+                    patient_key="pk",
+                    rule=rule,
+                    started_by=first,
+                    started_at=due - timedelta(days=1),
+                    due_at=due,
+                    stopped_at=stopped,
+                    status=status,
+                    responsible_hsa_id="SE2321000016-V010",
+                    municipality=BOTKYRKA,
+                )
+            )
+
+        await clock("fast-vardkontakt", "met", nov(3, 9), nov(2, 16))
+        await clock("fast-vardkontakt", "met", nov(4, 9), nov(4, 9))  # exactly at due: met
+        await clock("fast-vardkontakt", "late", nov(4, 9), nov(6, 9))  # stopped late
+        await clock("kallelse-sip", "late", nov(5, 23), None)  # ran out, never stopped
+        await clock("hemtjanst-start", "running", nov(30, 23), None)  # due after "now"
+        await clock("hemtjanst-start", "cancelled", nov(3, 9), None)  # nobody's obligation
+        await clock("utskrivningsinformation", "late", local(12, 1, 12), None)  # December
+
+
+async def test_the_routines_clocks_and_the_events_own_times(db: Database) -> None:
+    await write_clocks_month(db)
+    async with db.read() as conn:
+        figures = await monthly(conn, NOV, BOTKYRKA, now=nov(30, 12))
+    assert figures["groups"] == [
+        {
+            "municipality": BOTKYRKA,
+            "district": None,
+            "notices_acknowledged_in_time": {"in_time": 0, "due": 0, "pending": 0, "share": None},
+            "minutes_to_read": {"read": 0, "median": None},
+            # H (SIP day 2), I (none: late), J (declined on day 1).
+            "sip_invited_within_3_days": {
+                "in_time": 2,
+                "stays": 3,
+                "pending": 0,
+                "share": 0.6667,
+            },
+            "days_ready_to_discharge": {
+                "stays": 2,
+                "days": 12,
+                "average": 6.0,
+                "exempt_no_sip": {"stays": 1, "days": 8, "average": 8.0},
+                "payable": {"stays": 1, "days": 4, "average": 4.0},
+            },
+            "deliveries_by_channel": {},
+            "fallbacks": 0,
+            "escalations": 0,
+            "on_call_at_once": 0,
+            "deviations": {"open": 0, "answered": 0},
+            "clocks": {
+                "fast-vardkontakt": {
+                    "in_time": 2,
+                    "late": 1,
+                    "due": 3,
+                    "pending": 0,
+                    "share": 0.6667,
+                },
+                "hemtjanst-start": {"in_time": 0, "late": 0, "due": 0, "pending": 1, "share": None},
+                "kallelse-sip": {"in_time": 0, "late": 1, "due": 1, "pending": 0, "share": 0.0},
+            },
+        }
+    ]

@@ -21,8 +21,11 @@ from adapters.takecare.ack import build_ack, control_id
 from adapters.takecare.hl7in import MshHeader
 from adapters.takecare.receipts import REPORTED, build_oru
 from gateway.demo import HOME_CARE, admission
+from gateway.directory import Directory
 from gateway.model.bundle import to_bundle
 from gateway.pipeline.lus import NOT_LUS_REASON
+from gateway.runtime import directory_path
+from gateway.settings import Settings
 from tests.inprocess import canonical
 from tests.support import (
     AnyBroker,
@@ -155,9 +158,16 @@ def test_receipts_reach_takecare_in_order_with_retry(
         for oru in takecare.oru():  # every receipt as a strict v2.5 reader takes it
             assert strict_problems(str(oru)) == []
             assert len(str(oru.segment("MSH")[10])) <= 20
-        # Every recipient's delivery was reported (four parties in the demo admission).
+        # Every recipient's delivery was reported (four parties in the demo admission, and
+        # the on-call unit, told at once when a unit it covers is closed now: decision 0019).
+        demo = Directory.load(directory_path(Settings()))
+        closed = any(
+            o.on_call and not o.staffed_at(datetime.now(UTC))
+            for o in (demo.get(HOME_CARE), demo.get("SE2120001637-B020"))
+            if o is not None
+        )
         wait_for(
-            lambda: len({str(m.segment("OBX")[5][0][0]) for m in takecare.oru()}) == 4,
+            lambda: len({str(m.segment("OBX")[5][0][0]) for m in takecare.oru()}) == 4 + closed,
             what="a receipt for every recipient",
         )
         # Original mode (no MSH-16): the commit ACK was the answer; no application ACK.

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import holidays
 
 from gateway.clock import STOCKHOLM
+from gateway.model.events import LusEvent
 from mappings import MAPPINGS_DIR
 
 KINDS = (
@@ -134,9 +136,33 @@ class Escalation:
     step: timedelta = timedelta(hours=4)
 
 
+RESPONSIBLE = ("sender", "primary-care", "home-care")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessClock:
+    """One of the routine's own clocks (decision 0019): the events that start, stop and
+    cancel it, and who answers for it when it runs out."""
+
+    rule: str
+    starts: frozenset[str]
+    stops: frozenset[str] = frozenset()
+    cancels: frozenset[str] = frozenset()
+    responsible: str = "sender"
+
+
+@dataclass(frozen=True, slots=True)
+class Kvittens:
+    """Receipts as the routine means them: which receipt clocks only a person's kvittens
+    stops, and how a unit staffed around the clock counts weekday-hour clocks."""
+
+    by_a_person: frozenset[str] = frozenset()
+    around_the_clock: str = "elapsed_hours"
+
+
 class Deadlines:
-    """The rules, with each municipality's overrides, which clock each receipt runs on, and
-    the escalation chain."""
+    """The rules, with each municipality's overrides (keyed by municipality code), which
+    clock each receipt runs on, the escalation chain and the routine's process clocks."""
 
     def __init__(
         self,
@@ -144,17 +170,38 @@ class Deadlines:
         overrides: dict[str, dict[str, Rule]],
         receipts: dict[str, str] | None = None,
         escalation: Escalation | None = None,
+        kvittens: Kvittens | None = None,
+        clocks: dict[str, ProcessClock] | None = None,
     ) -> None:
         self._rules = rules
         self._overrides = overrides
         self.receipts = receipts or {}
         self.escalation = escalation or Escalation()
+        self.kvittens = kvittens or Kvittens()
+        self.clocks = clocks or {}
 
-    def receipt_due(self, event: str, start: datetime, municipality: str = "") -> datetime | None:
+    def receipt_due(
+        self,
+        event: str,
+        start: datetime,
+        municipality: str = "",
+        around_the_clock: bool = False,
+    ) -> datetime | None:
         """When a receipt of an ``event`` message delivered at ``start`` is due, or None if
-        no clock runs for it. A municipality without overrides uses the common rules."""
+        no clock runs for it. A municipality without overrides uses the common rules; a
+        recipient staffed around the clock counts weekday hours as elapsed hours."""
         name = self.receipts.get(event)
-        return None if name is None else self.rule_for(name, municipality).due(start)
+        if name is None:
+            return None
+        rule = self.rule_for(name, municipality)
+        if around_the_clock and rule.kind == "weekday_hours":
+            rule = Rule(rule.name, self.kvittens.around_the_clock, rule.amount, rule.description)
+        return rule.due(start)
+
+    def needs_person(self, rule_name: str | None) -> bool:
+        """Does this receipt clock run until a person's kvittens (not an application
+        receipt)?"""
+        return bool(rule_name) and rule_name in self.kvittens.by_a_person
 
     def rule_for(self, name: str, municipality: str = "") -> Rule:
         """The municipality's own version of a rule, or the common one if it has none (the
@@ -209,7 +256,48 @@ class Deadlines:
         step = esc.get("step_hours", 4)
         if not isinstance(step, int | float) or step <= 0:
             raise DeadlineError(f"{path.name}: [escalation] step_hours must be a number > 0")
-        return cls(rules, overrides, receipts, Escalation(chain, timedelta(hours=step)))
+        return cls(
+            rules,
+            overrides,
+            receipts,
+            Escalation(chain, timedelta(hours=step)),
+            _kvittens(path, data.get("kvittens", {}), rules),
+            {n: _clock(path, n, e, rules) for n, e in data.get("clocks", {}).items()},
+        )
+
+
+@lru_cache(maxsize=1)
+def default_deadlines() -> Deadlines:
+    """The installation's rules (``mappings/deadlines/lus.toml``), read once."""
+    return Deadlines.load(DEADLINES_FILE)
+
+
+def _kvittens(path: Path, entry: dict[str, Any], rules: dict[str, Rule]) -> Kvittens:
+    person = frozenset(str(n) for n in entry.get("by_a_person", []))
+    if unknown := person - set(rules):
+        raise DeadlineError(f"{path.name}: [kvittens] by_a_person names no rule {sorted(unknown)}")
+    kind = str(entry.get("around_the_clock", "elapsed_hours"))
+    if kind not in KINDS:
+        raise DeadlineError(f"{path.name}: [kvittens] around_the_clock must be one of {KINDS}")
+    return Kvittens(person, kind)
+
+
+def _clock(path: Path, name: str, entry: dict[str, Any], rules: dict[str, Rule]) -> ProcessClock:
+    if name not in rules:
+        raise DeadlineError(f"{path.name}: [clocks.{name}] names no rule")
+    responsible = str(entry.get("responsible", "sender"))
+    if responsible not in RESPONSIBLE:
+        raise DeadlineError(
+            f"{path.name}: [clocks.{name}] responsible must be one of {list(RESPONSIBLE)}"
+        )
+    events = {e.value for e in LusEvent}
+    sets = {k: frozenset(str(e) for e in entry.get(k, [])) for k in ("starts", "stops", "cancels")}
+    for key, named in sets.items():
+        if unknown := named - events:
+            raise DeadlineError(f"{path.name}: [clocks.{name}] {key}: no event {sorted(unknown)}")
+    if not sets["starts"]:
+        raise DeadlineError(f"{path.name}: [clocks.{name}] starts no event")
+    return ProcessClock(name, sets["starts"], sets["stops"], sets["cancels"], responsible)
 
 
 def _rule(path: Path, name: str, entry: dict[str, object]) -> Rule:

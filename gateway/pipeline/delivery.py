@@ -30,6 +30,7 @@ from gateway.pipeline.channels import (
     ChannelUnavailable,
     DeliveryContext,
 )
+from gateway.pipeline.deadlines import Deadlines, default_deadlines
 from gateway.pipeline.ledger import State
 from gateway.pipeline.stage import Stage
 from gateway.store.db import Database
@@ -98,11 +99,13 @@ class DeliverStage(Stage):
         channels: ChannelRegistry,
         directory: DirectorySource | None = None,
         resend_after: timedelta = timedelta(minutes=30),
+        deadlines: Deadlines | None = None,
     ) -> None:
         super().__init__(db)
         self.channels = channels
         self.directory = directory or Directory([])
         self.resend_after = resend_after
+        self.deadlines = deadlines or default_deadlines()
 
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         assert event.delivery_id
@@ -114,6 +117,7 @@ class DeliverStage(Stage):
                 deliveries.c.recipient_hsa_id,
                 deliveries.c.role,
                 deliveries.c.due_at,
+                deliveries.c.due_rule,
                 deliveries.c.withheld,
                 messages.c.canonical,
                 messages.c.episode_key,
@@ -177,7 +181,8 @@ class DeliverStage(Stage):
         )
         if outcome.state is State.RECEIVED:
             await ledger.record(conn, event.delivery_id, event.message_id, key, State.RECEIVED)
-            check = None
+            # delivered, not read: where a person's kvittens is due, look again then (0019)
+            check = row.due_at if self.deadlines.needs_person(row.due_rule) else None
         elif channel.application_receipts:
             check = now + self.resend_after
         else:

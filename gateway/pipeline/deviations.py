@@ -31,6 +31,7 @@ KINDS = {
     "missed-receipt": "Mottagningskvittens uteblev",
     "delivery-failed": "Meddelandet kunde inte levereras",
     "held-past-deadline": "Meddelandet hölls kvar förbi tidsfristen (samtycke saknas)",
+    "missed-deadline": "En tidsfrist i rutinen överskreds",
 }
 DEVIATION_KIND_SYSTEM = "https://brygga.dev/fhir/CodeSystem/deviation-kind"
 

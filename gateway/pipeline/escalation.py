@@ -34,6 +34,7 @@ from gateway.store.sql import insert_ignore
 from gateway.store.tables import deliveries, messages
 
 ROLE = "eskalering"
+ON_CALL_ROLE = "jour"  # a notice for a closed unit, sent to its on-call unit at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,28 @@ class Escalator:
                 return
         await self._step_done(conn, late, level, "", "", now)  # nobody left to tell
 
+    async def to_on_call(
+        self, conn: AsyncConnection, delivery_id: str, now: datetime, audit_later: list[AuditEntry]
+    ) -> bool:
+        """The unit is closed now: send the notice to its on-call unit at once (decision
+        0019). At the deadline the chain finds the on-call unit told already and goes on to
+        the next step; the deviation is raised then as before. False if there is none."""
+        late = await self._late(conn, delivery_id)
+        target = late.recipient.on_call if late.recipient else ""
+        if not target or not await self._send(conn, late, target, now, audit_later, ON_CALL_ROLE):
+            return False
+        org = late.directory.get(target)
+        await record_attempt(
+            conn,
+            delivery_id,
+            "",
+            0,
+            "on-call",
+            f"Enheten är stängd: skickat till jouren {org.name if org else target} direkt",
+            now,
+        )
+        return True
+
     def _target(self, step: str, late: Late) -> str:
         if step == "ward":
             return late.sender_hsa_id
@@ -136,6 +159,7 @@ class Escalator:
         target: str,
         now: datetime,
         audit_later: list[AuditEntry],
+        role: str = ROLE,
     ) -> bool:
         """A delivery of the message to ``target``; False if it already has one."""
         if target == late.recipient_hsa_id:
@@ -153,7 +177,7 @@ class Escalator:
                 "message_id": late.message_id,
                 "recipient_hsa_id": target,
                 "recipient_name": org.name,
-                "role": ROLE,
+                "role": role,
                 "for_information": False,
                 "channel": channel,
                 "state": State.ACCEPTED.value,
@@ -174,7 +198,9 @@ class Escalator:
             late.message_id,
             late.patient_key,
             State.ACCEPTED,
-            detail=f"Eskalering: {late.recipient_name} har inte kvitterat",
+            detail=f"Jour: {late.recipient_name} är stängd"
+            if role == ON_CALL_ROLE
+            else f"Eskalering: {late.recipient_name} har inte kvitterat",
             at=now,
         )
         # The party acts for the late recipient: the gate judges it in that recipient's role.

@@ -26,9 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import clock
 from gateway.logs import error_fields
-from gateway.pipeline import escalation
+from gateway.pipeline import clocks, escalation
 from gateway.pipeline.channels import ChannelRegistry
-from gateway.pipeline.deadlines import Escalation
+from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines, Escalation
 from gateway.pipeline.delivery import attempt_event, record_attempt
 from gateway.pipeline.ledger import State
 from gateway.store.db import Database
@@ -64,6 +64,7 @@ class Situation:
     due_at: datetime | None
     escalation_level: int
     has_fallback: bool  # is there another channel after the current one?
+    needs_person: bool = False  # does its receipt clock run until a person's kvittens?
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +73,13 @@ class Plan:
     next_check_at: datetime | None
 
 
-def receipted(state: State, application_receipts: bool) -> bool:
+def receipted(state: State, application_receipts: bool, needs_person: bool = False) -> bool:
     """Has the recipient receipted? Its system's application receipt, or a person's kvittens
-    in the inbox (reading alone is not a kvittens)."""
+    in the inbox (reading alone is not a kvittens). Where the routine asks for a kvittens
+    (``needs_person``), an application receipt proves delivery only (decision 0019)."""
     if state is State.ACKNOWLEDGED:
         return True
-    return application_receipts and state in (State.RECEIVED, State.READ)
+    return application_receipts and not needs_person and state in (State.RECEIVED, State.READ)
 
 
 def plan(s: Situation, now: datetime, policy: Policy) -> Plan:
@@ -86,10 +88,12 @@ def plan(s: Situation, now: datetime, policy: Policy) -> Plan:
     later: list[datetime] = []
     if s.state is State.DENIED or s.state is State.PARKED:
         return Plan((), None)
-    done = receipted(s.state, s.application_receipts)
+    done = receipted(s.state, s.application_receipts, s.needs_person)
     # Sent and not yet taken (still routed), or taken by a channel that owes a receipt.
     waiting = s.state is State.ROUTED or (
-        s.state is State.DELIVERED and s.application_receipts and not done
+        s.state is State.DELIVERED
+        and s.application_receipts
+        and not receipted(s.state, s.application_receipts)
     )
     if waiting and s.last_attempt_at is not None:
         resend_at = s.last_attempt_at + policy.resend_after
@@ -125,12 +129,14 @@ class FollowUp:
         escalations: escalation.Escalator,
         policy: Policy,
         interval_seconds: float = 5.0,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.db = db
         self.channels = channels
         self.escalations = escalations
         self.policy = policy
         self.interval = interval_seconds
+        self.deadlines = deadlines or Deadlines.load(DEADLINES_FILE)
 
     async def run(self) -> None:
         while True:
@@ -146,8 +152,11 @@ class FollowUp:
                 log.info("followup.acted", deliveries=count)
 
     async def run_once(self) -> int:
-        """Act on every delivery due now; the number acted on."""
+        """Act on every delivery due now, and on every process clock run out (decision
+        0019); the number acted on."""
         now = clock.now()
+        async with self.db.transaction() as conn:
+            late_clocks = await clocks.check_due(conn, self.deadlines, now)
         async with self.db.read() as conn:
             due = list(
                 (
@@ -162,7 +171,7 @@ class FollowUp:
         for delivery_id in due:
             async with self.db.transaction() as conn:
                 await self._follow(conn, delivery_id, now)
-        return len(due)
+        return len(due) + late_clocks
 
     async def _follow(self, conn: AsyncConnection, delivery_id: str, now: datetime) -> None:
         query = (
@@ -174,6 +183,7 @@ class FollowUp:
                 deliveries.c.state,
                 deliveries.c.attempts,
                 deliveries.c.due_at,
+                deliveries.c.due_rule,
                 deliveries.c.escalation_level,
                 deliveries.c.next_check_at,
                 deliveries.c.superseded_by,
@@ -214,6 +224,7 @@ class FollowUp:
             due_at=row.due_at,
             escalation_level=row.escalation_level,
             has_fallback=True,
+            needs_person=self.deadlines.needs_person(row.due_rule),
         )
         decided = plan(situation, now, self.policy)
         fallback = None

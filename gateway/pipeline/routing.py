@@ -32,10 +32,11 @@ from gateway.model.bundle import ADDRESS, LUS_NEEDS, BundleView, read_bundle
 from gateway.model.consent import Decision, Outcome, decide
 from gateway.model.consent import Recipient as ConsentRecipient
 from gateway.model.events import LusEvent
-from gateway.pipeline import gate, ledger, lus, returns
+from gateway.pipeline import clocks, gate, ledger, lus, returns
 from gateway.pipeline.channels import ChannelRegistry
 from gateway.pipeline.consent import announce_status, park_message
 from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
+from gateway.pipeline.escalation import Escalator
 from gateway.pipeline.ledger import State
 from gateway.pipeline.stage import Stage
 from gateway.store.db import Database
@@ -191,6 +192,7 @@ class RouteStage(Stage):
         self.keyer = keyer
         self.deadlines = deadlines or Deadlines.load(DEADLINES_FILE)
         self.residence = residence or PostcodeTable.load()
+        self.escalator = Escalator(directory, channels, self.deadlines.escalation)
 
     async def handle(self, conn: AsyncConnection, event: Event, key: str) -> None:
         row = (
@@ -270,6 +272,19 @@ class RouteStage(Stage):
                 consent_reason=outcomes[summary] if summary else None,
                 updated_at=now,
             )
+        )
+        await clocks.after_routing(  # decision 0019: on-call at once, kvittens, process clocks
+            conn,
+            self.escalator,
+            self.deadlines,
+            event.message_id,
+            key,
+            row.episode_key,
+            bundle,
+            view,
+            directory,
+            now,
+            entries,
         )
         await announce_status(conn, key, event.message_id, status, reason)
         await audit.record_many(conn, entries)
@@ -524,13 +539,13 @@ class RouteStage(Stage):
     def _receipt_due(
         self, event: LusEvent, org: Organisation | None, now: datetime, directory: Directory
     ) -> datetime | None:
-        """When the recipient's receipt is due: the event's clock, as the recipient's
-        municipality counts it."""
-        name = self._receipt_rule(event)
-        if name is None:
-            return None
-        town = directory.municipality(org.municipality) if org else None
-        return self.deadlines.rule_for(name, town.name if town else "").due(now)
+        """When the recipient's receipt is due (decision 0019); for a party's return message,
+        by the rule of the deadlines that returns.toml names."""
+        due = clocks.receipt_due(self.deadlines, event, org, now)
+        name = returns.rules().receipts.get(event.value)
+        if due is None and name is not None:
+            return self.deadlines.rule_for(name, org.municipality if org else "").due(now)
+        return due
 
     def _receipt_rule(self, event: LusEvent) -> str | None:
         """The clock of a receipt: the deadlines' rule, or for a party's return message the

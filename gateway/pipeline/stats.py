@@ -20,7 +20,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select
@@ -30,13 +29,16 @@ from sqlalchemy.sql.elements import ColumnElement
 from gateway import clock
 from gateway.clock import STOCKHOLM
 from gateway.model.events import LusEvent
-from gateway.pipeline.deadlines import DEADLINES_FILE, Deadlines
+from gateway.pipeline.deadlines import Deadlines, default_deadlines
+from gateway.pipeline.escalation import ON_CALL_ROLE
 from gateway.pipeline.ledger import State
 from gateway.pipeline.lus import NOT_LUS
 from gateway.store.tables import (
     deliveries,
     delivery_attempts,
     deviations,
+    lus_clocks,
+    lus_event_times,
     messages,
     receipt_events,
 )
@@ -49,6 +51,7 @@ _STAY_EVENTS = (
     LusEvent.UTSKRIVNINGSKLAR,
     LusEvent.MAKULERA_UTSKRIVNINGSKLAR,
     LusEvent.KALLELSE_SIP,
+    LusEvent.SIP_AVBOJD,
     LusEvent.UTSKRIVNINGSMEDDELANDE,
     LusEvent.MAKULERA_UTSKRIVNING,
 )
@@ -97,11 +100,6 @@ class Month:
         return start <= moment < end
 
 
-@lru_cache(maxsize=1)
-def default_deadlines() -> Deadlines:
-    return Deadlines.load(DEADLINES_FILE)
-
-
 def share(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
 
@@ -120,11 +118,14 @@ class Figures:
     sip_stays: int = 0
     sip_pending: int = 0  # no invitation yet, and the 3 days are not over
     stay_days: list[int] = field(default_factory=list)
+    exempt_days: list[int] = field(default_factory=list)  # no SIP called (001:1525)
     channels: dict[str, int] = field(default_factory=dict)
     fallbacks: int = 0
     escalations: int = 0
+    on_call_at_once: int = 0  # notices for a closed unit sent to its on-call unit at once
     deviations_open: int = 0
     deviations_answered: int = 0
+    clocks: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         days = self.stay_days
@@ -150,15 +151,37 @@ class Figures:
                 "share": share(self.sip_in_time, self.sip_stays),
             },
             "days_ready_to_discharge": {
-                "stays": len(days),
-                "days": sum(days),
-                "average": round(sum(days) / len(days), 2) if days else None,
+                **_days(days),
+                "exempt_no_sip": _days(self.exempt_days),
+                "payable": _days(_payable(days, self)),
             },
             "deliveries_by_channel": dict(sorted(self.channels.items())),
             "fallbacks": self.fallbacks,
             "escalations": self.escalations,
+            "on_call_at_once": self.on_call_at_once,
             "deviations": {"open": self.deviations_open, "answered": self.deviations_answered},
+            "clocks": {
+                rule: {**c, "share": share(c["in_time"], c["due"])}
+                for rule, c in sorted(self.clocks.items())
+            },
         }
+
+
+def _days(days: list[int]) -> dict[str, Any]:
+    return {
+        "stays": len(days),
+        "days": sum(days),
+        "average": round(sum(days) / len(days), 2) if days else None,
+    }
+
+
+def _payable(days: list[int], figures: Figures) -> list[int]:
+    """The stays the municipality's payment counts: all but those exempt for want of a SIP
+    (``stay_days`` holds every stay, ``exempt_days`` the exempt ones among them)."""
+    rest = list(days)
+    for d in figures.exempt_days:
+        rest.remove(d)
+    return rest
 
 
 class _Table:
@@ -210,9 +233,11 @@ async def monthly(
 ) -> dict[str, Any]:
     """The month's figures per (municipality, district), optionally for one municipality."""
     q = _Query(conn, month, municipality, now or clock.now())
-    await _acknowledged_in_time(q)
+    deadlines = deadlines or default_deadlines()
+    await _acknowledged_in_time(q, deadlines)
     await _minutes_to_read(q)
-    await _stays(q, deadlines or default_deadlines())
+    await _stays(q, deadlines)
+    await _clocks(q)
     await _plain_counts(q)
     return {
         "month": str(month),
@@ -237,27 +262,40 @@ def _where_town(column: ColumnElement[Any], municipality: str | None) -> ColumnE
     return column == municipality if municipality else column.is_not(None)
 
 
-async def _acknowledged_in_time(q: _Query) -> None:
+async def _acknowledged_in_time(q: _Query, deadlines: Deadlines) -> None:
     """Deliveries that must be acted on and whose receipt fell due in the month: how many
-    were receipted (application receipt or kvittens) at or before ``due_at``. Not
-    for-information copies, not escalations (they are the follow-up's own notices), not
-    notices a cancellation retracted or a newer version superseded."""
+    were receipted at or before ``due_at``. Not for-information copies, not escalations
+    (they are the follow-up's own notices), not notices a cancellation retracted or a newer
+    version superseded. "In time" counts only deadlines that have passed or were met: a
+    notice not receipted whose clock still runs is pending, not due (decision 0019)."""
     start, end, municipality, now = q.start, q.end, q.municipality, q.now
     # The receipt: the recipient system's application receipt or a person's kvittens,
-    # whichever came first (decision 0010).
+    # whichever came first (decision 0010); where the routine asks for a kvittens, only a
+    # person's kvittens (decision 0019).
     r = receipt_events.c
-    ack = (
-        select(r.delivery_id, func.min(r.at).label("at"))
-        .where(r.state.in_([State.RECEIVED.value, State.ACKNOWLEDGED.value]))
-        .group_by(r.delivery_id)
-        .subquery("ack")
-    )
+
+    def first(states: list[str], name: str) -> Any:
+        return (
+            select(r.delivery_id, func.min(r.at).label("at"))
+            .where(r.state.in_(states))
+            .group_by(r.delivery_id)
+            .subquery(name)
+        )
+
+    any_ack = first([State.RECEIVED.value, State.ACKNOWLEDGED.value], "ack")
+    person = first([State.ACKNOWLEDGED.value], "kvittens")
     d = deliveries.c
-    in_time = func.sum(case((ack.c.at <= d.due_at, 1), else_=0))
-    pending = func.sum(case((and_(ack.c.at.is_(None), d.due_at > now), 1), else_=0))
+    by_person = sorted(deadlines.kvittens.by_a_person) or [""]
+    ack_at = case((d.due_rule.in_(by_person), person.c.at), else_=any_ack.c.at)
+    in_time = func.sum(case((ack_at <= d.due_at, 1), else_=0))
+    pending = func.sum(case((and_(ack_at.is_(None), d.due_at > now), 1), else_=0))
     stmt = (
         select(d.municipality, d.district, func.count(), in_time, pending)
-        .select_from(deliveries.outerjoin(ack, ack.c.delivery_id == d.id))
+        .select_from(
+            deliveries.outerjoin(any_ack, any_ack.c.delivery_id == d.id).outerjoin(
+                person, person.c.delivery_id == d.id
+            )
+        )
         .where(
             d.for_information.is_(False),
             d.escalated_from.is_(None),
@@ -269,9 +307,34 @@ async def _acknowledged_in_time(q: _Query) -> None:
         )
         .group_by(d.municipality, d.district)
     )
-    for town, district, due, on_time, waiting in await q.conn.execute(stmt):
+    for town, district, total, on_time, waiting in await q.conn.execute(stmt):
         row = q.table.at(town, district)
-        row.ack_due, row.ack_in_time, row.ack_pending = due, int(on_time or 0), int(waiting or 0)
+        row.ack_pending = int(waiting or 0)
+        row.ack_due, row.ack_in_time = total - row.ack_pending, int(on_time or 0)
+
+
+async def _clocks(q: _Query) -> None:
+    """The routine's process clocks that fell due in the month, per rule: in time, late,
+    pending (still running, due not passed) and due (passed or met: what "in time" counts
+    against). Cancelled clocks are no one's obligation."""
+    c = lus_clocks.c
+    stmt = select(c.municipality, c.district, c.rule, c.status, c.due_at, c.stopped_at).where(
+        _in(c.due_at, q.start, q.end),
+        c.status != "cancelled",
+        _where_town(c.municipality, q.municipality),
+    )
+    for town, district, rule, status, due_at, stopped_at in await q.conn.execute(stmt):
+        counts = q.table.at(town, district).clocks.setdefault(
+            rule, {"in_time": 0, "late": 0, "due": 0, "pending": 0}
+        )
+        if stopped_at is not None and stopped_at <= due_at:
+            counts["in_time"] += 1
+            counts["due"] += 1
+        elif stopped_at is None and due_at > q.now and status == "running":
+            counts["pending"] += 1
+        else:
+            counts["late"] += 1
+            counts["due"] += 1
 
 
 async def _minutes_to_read(q: _Query) -> None:
@@ -328,16 +391,21 @@ async def _plain_counts(q: _Query) -> None:
 
     # Escalations created in the month, counted where the late delivery's recipient is (an
     # escalation to the sending ward has no municipality of its own).
+    # A notice for a closed unit sent to its on-call unit at once is counted apart.
     late = deliveries.alias("late")
     esc = deliveries.alias("esc")
     stmt = (
-        select(late.c.municipality, late.c.district, func.count())
+        select(late.c.municipality, late.c.district, esc.c.role, func.count())
         .select_from(esc.join(late, esc.c.escalated_from == late.c.id))
         .where(_in(esc.c.created_at, start, end), _where_town(late.c.municipality, municipality))
-        .group_by(late.c.municipality, late.c.district)
+        .group_by(late.c.municipality, late.c.district, esc.c.role)
     )
-    for town, district, n in await q.conn.execute(stmt):
-        q.table.at(town, district).escalations = n
+    for town, district, role, n in await q.conn.execute(stmt):
+        row = q.table.at(town, district)
+        if role == ON_CALL_ROLE:
+            row.on_call_at_once += n
+        else:
+            row.escalations += n
 
     # Deviations raised in the month, by their status now.
     v = deviations.c
@@ -377,9 +445,17 @@ class Stay:
                 stay.discharged_at = at
             elif event == LusEvent.MAKULERA_UTSKRIVNING:
                 stay.discharged_at = None
-            elif event == LusEvent.KALLELSE_SIP:
-                stay.sip_at.append(at)
+            elif event in (LusEvent.KALLELSE_SIP, LusEvent.SIP_AVBOJD):
+                stay.sip_at.append(at)  # a SIP offered and declined was offered in time too
         return stay
+
+    def exempt(self, sip_due: datetime) -> bool:
+        """No SIP called (001:1525): the municipality's payment does not apply when the
+        fast vårdkontakt had not called the SIP by its deadline and the patient was still
+        in hospital then (decision 0019)."""
+        if self.discharged_at is None or self.discharged_at <= sip_due:
+            return False
+        return not any(at <= sip_due for at in self.sip_at)
 
     def days_ready(self) -> int | None:
         """Calendar days from ready-for-discharge to discharge, day 0 included.
@@ -416,13 +492,18 @@ async def _stays(q: _Query, deadlines: Deadlines) -> None:
         .scalar_subquery()
     )
     events: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
+    t = lus_event_times.c
     rows = await q.conn.execute(
-        select(m.episode_key, m.event, m.occurred_at, m.received_at).where(
-            m.episode_key.in_(candidates), m.event.in_([e.value for e in _STAY_EVENTS])
-        )
+        select(m.episode_key, m.event, m.occurred_at, m.received_at, t.message_id, t.at)
+        .select_from(messages.outerjoin(lus_event_times, t.message_id == m.id))
+        .where(m.episode_key.in_(candidates), m.event.in_([e.value for e in _STAY_EVENTS]))
     )
-    for episode, event, occurred_at, received_at in rows:
-        events[episode].append((occurred_at or received_at, event))
+    for episode, event, occurred_at, received_at, timed, event_at in rows:
+        if timed is None:  # stored before event times were kept: the message's own time
+            events[episode].append((occurred_at or received_at, event))
+        elif event_at is not None:  # the decision (EVN-6), the discharge event's own time
+            events[episode].append((event_at, event))
+        # else: discharge information sent as a document, not the discharge itself
     if not events:
         return
 
@@ -448,15 +529,20 @@ async def _stays(q: _Query, deadlines: Deadlines) -> None:
             if stay.ready_at is not None and month.holds(stay.ready_at):
                 rule = deadlines.rule_for(SIP_RULE, town)
                 due = rule.due(stay.ready_at)
-                row.sip_stays += 1
                 if any(at <= due for at in stay.sip_at):
                     row.sip_in_time += 1
-                elif not stay.sip_at and q.now <= due:
+                    row.sip_stays += 1
+                elif not stay.sip_at and q.now <= due:  # not due yet: pending, not counted
                     row.sip_pending += 1
+                else:
+                    row.sip_stays += 1
             if stay.discharged_at is not None and month.holds(stay.discharged_at):
                 days = stay.days_ready()
                 if days is not None:
                     row.stay_days.append(days)
+                    assert stay.ready_at is not None
+                    if stay.exempt(deadlines.rule_for(SIP_RULE, town).due(stay.ready_at)):
+                        row.exempt_days.append(days)
 
 
 def _narrowest(places: set[Place]) -> set[Place]:

@@ -174,6 +174,41 @@ deviations = Table(
     Index(None, "responsible_hsa_id", "status"),
 )
 
+# The routine's own clocks, run on the messages themselves (decision 0019): one per stay and
+# rule, started by one message and stopped by another; a clock past its due time is a
+# deviation to the party responsible.
+lus_clocks = Table(
+    "lus_clocks",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("episode_key", String(64), nullable=False, comment="HMAC of sender and visit number"),
+    Column("patient_key", String(64), nullable=False, comment="HMAC pseudonym"),
+    Column("rule", String(40), nullable=False, comment="mappings/deadlines rule name"),
+    Column("started_by", String(36), ForeignKey("messages.id"), nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("due_at", UtcDateTime, nullable=False),
+    Column("stopped_by", String(36), nullable=True, comment="message id that stopped it"),
+    Column("stopped_at", UtcDateTime, nullable=True),
+    Column("status", String(20), nullable=False, comment="running, met, late, cancelled"),
+    Column("responsible_hsa_id", String(64), nullable=False, comment="who owes the step"),
+    Column("municipality", String(20), nullable=True, comment="municipality code"),
+    Column("district", String(60), nullable=True),
+    Column("deviation_id", String(36), nullable=True, comment="raised when it ran out"),
+    UniqueConstraint("episode_key", "rule"),
+    Index(None, "status", "due_at"),
+    Index(None, "patient_key", "rule"),
+)
+
+# When the event a message reports happened, where it is not the message's own time: the
+# physician's ready-for-discharge decision (EVN-6) and the discharge (Encounter.period.end of
+# the discharge event; NULL for discharge information sent as a document). For statistics.
+lus_event_times = Table(
+    "lus_event_times",
+    metadata,
+    Column("message_id", String(36), ForeignKey("messages.id"), primary_key=True),
+    Column("at", UtcDateTime, nullable=True, comment="NULL: the message is no such event"),
+)
+
 receipt_events = Table(
     "receipt_events",
     metadata,
