@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from datetime import datetime, timedelta
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
@@ -48,6 +49,27 @@ EVERYONE = [
     CareParty("bistand", BISTAND, "Bistånd"),
     CareParty("rehab", REHAB, "Rehab"),
 ]
+
+
+class _MondayMorning:
+    """Time running from a Monday 09:00 in Stockholm, as fast as real time."""
+
+    def __init__(self) -> None:
+        self.started = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return datetime(2026, 11, 23, 8, 0, tzinfo=UTC) + (datetime.now(UTC) - self.started)
+
+
+@pytest.fixture(autouse=True)
+def _in_office_hours() -> Iterator[None]:
+    """Route in office hours: a notice for a unit closed at the hour the test runs would go to
+    its on-call unit at once (decision 0019), which these tests are not about."""
+    original, clock.clock = clock.clock, _MondayMorning()
+    try:
+        yield
+    finally:
+        clock.clock = original
 
 
 def stay(
