@@ -119,6 +119,29 @@ class FixedClock:
         return self.at
 
 
+class RunningClock:
+    """Time running from ``start`` as fast as real time (orders stay real; the hour is set)."""
+
+    def __init__(self, start: datetime) -> None:
+        self.start, self.started = start, datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self.start + (datetime.now(UTC) - self.started)
+
+
+@pytest.fixture
+def office_hours() -> Iterator[RunningClock]:
+    """``gateway.clock`` runs from Monday 2026-11-23 09:00 in Stockholm: every unit of the demo
+    directory is open, so no notice goes to an on-call unit at once (decision 0019) because
+    of the hour the test happens to run at."""
+    original = clock.clock
+    clock.clock = running = RunningClock(datetime(2026, 11, 23, 8, 0, tzinfo=UTC))
+    try:
+        yield running
+    finally:
+        clock.clock = original
+
+
 @pytest.fixture
 def fixed_clock() -> Iterator[FixedClock]:
     """``gateway.clock`` stands still at 2026-11-23 08:00 UTC until the test moves it."""

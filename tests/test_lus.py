@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from hypothesis import given
@@ -35,7 +34,7 @@ from gateway.pipeline.stats import Month, monthly
 from gateway.store.db import Database
 from gateway.store.tables import deliveries, deviations, messages
 from mappings import MAPPINGS_DIR
-from tests.conftest import FixedClock
+from tests.conftest import FixedClock, RunningClock
 from tests.inprocess import HOME_CARE, NIGHT, REHAB, Pipeline, canonical
 
 GOLDEN = MAPPINGS_DIR / "takecare" / "golden"
@@ -51,25 +50,11 @@ EVERYONE = [
 ]
 
 
-class _MondayMorning:
-    """Time running from a Monday 09:00 in Stockholm, as fast as real time."""
-
-    def __init__(self) -> None:
-        self.started = datetime.now(UTC)
-
-    def now(self) -> datetime:
-        return datetime(2026, 11, 23, 8, 0, tzinfo=UTC) + (datetime.now(UTC) - self.started)
-
-
 @pytest.fixture(autouse=True)
-def _in_office_hours() -> Iterator[None]:
-    """Route in office hours: a notice for a unit closed at the hour the test runs would go to
-    its on-call unit at once (decision 0019), which these tests are not about."""
-    original, clock.clock = clock.clock, _MondayMorning()
-    try:
-        yield
-    finally:
-        clock.clock = original
+def _in_office_hours(office_hours: RunningClock) -> RunningClock:
+    """A notice for a unit closed at the hour the test runs would go to its on-call unit at
+    once (decision 0019), which these tests are not about."""
+    return office_hours
 
 
 def stay(

@@ -36,6 +36,7 @@ from gateway.settings import Settings
 from gateway.store.db import Database
 from gateway.store.tables import deliveries, messages, metadata
 from mappings import MAPPINGS_DIR
+from tests.conftest import RunningClock
 from tests.inprocess import HOME_CARE, Pipeline, canonical
 
 TABLE = PostcodeTable.load()
@@ -55,6 +56,13 @@ def _directory() -> Directory:
 
 
 # --- the postcode table -----------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _in_office_hours(office_hours: RunningClock) -> RunningClock:
+    """Route in office hours: at night a closed unit's notice also goes to its on-call unit at
+    once (decision 0019), which these tests are not about."""
+    return office_hours
 
 
 def test_the_shipped_table_places_every_stockholm_district_and_county_municipality() -> None:

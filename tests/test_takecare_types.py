@@ -31,6 +31,7 @@ from gateway.model.events import LusEvent
 from gateway.model.identifiers import IdentifierKind
 from gateway.store.db import Database
 from mappings import MAPPINGS_DIR
+from tests.conftest import RunningClock
 from tests.test_takecare_parse import _TEXT, mutated
 
 TAKECARE = MAPPINGS_DIR / "takecare"
@@ -131,6 +132,9 @@ EXPECTED_EVENTS = {
     "adt_a01_local_ward": LusEvent.INSKRIVNINGSMEDDELANDE,
     "adt_a01_pid3_pn_foreign": LusEvent.INSKRIVNINGSMEDDELANDE,
     "adt_a01_no_msh4": LusEvent.INSKRIVNINGSMEDDELANDE,
+    "adt_a01_address_kommunkod": LusEvent.INSKRIVNINGSMEDDELANDE,
+    "adt_a01_address_postcode": LusEvent.INSKRIVNINGSMEDDELANDE,
+    "adt_a01_protected_address": LusEvent.INSKRIVNINGSMEDDELANDE,
     "adt_a01_lus_social": LusEvent.INSKRIVNINGSMEDDELANDE,
     "adt_a01_lus_primary": LusEvent.INSKRIVNINGSMEDDELANDE,
     "adt_a01_lus_both": LusEvent.INSKRIVNINGSMEDDELANDE,
@@ -604,7 +608,7 @@ def test_the_episode_is_one_stay_in_order() -> None:
     assert inbound[5].canonical.event.retracts is inbound[4].canonical.event
 
 
-async def test_the_episode_through_the_pipeline(db: Database) -> None:
+async def test_the_episode_through_the_pipeline(db: Database, office_hours: RunningClock) -> None:
     """Parsed episode messages in the core: versions supersede, the cancellation retracts."""
     from sqlalchemy import select
 
