@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,25 @@ async def test_the_address_reaches_the_roles_that_need_it_and_never_a_protected_
             assert patient["address"][0]["line"] == [STREET]
     assert "address" not in await _seen_by(db, SABO, got[SABO].id)  # [content.address]
     assert (got[SABO].withheld or "").split(",") == ["address"]
+
+
+@pytest.mark.parametrize("protected", [False, True], ids=["open", "protected"])
+async def test_a_closed_units_on_call_is_sent_what_the_unit_would_be(
+    db: Database, office_hours: RunningClock, protected: bool
+) -> None:
+    """At night the notice goes to the on-call unit at once (decision 0019). It acts for the
+    closed unit and is sent what that unit would be: a protected identity's address never."""
+    office_hours.start = datetime(2026, 11, 23, 22, 0, tzinfo=UTC)  # Monday 23:00 in Stockholm
+    pipeline = Pipeline(db, directory=_directory())
+    msg = _message(10, Address((STREET,), "Skärholmen", "12743"), parties=HOME, protected=protected)
+    got = await _deliveries(db, await pipeline.run(msg, "RES-10"))
+    on_call = {h: d for h, d in got.items() if d.escalated_from is not None}
+    assert on_call, "a closed unit's on-call unit was told"
+    for hsa_id, delivery in on_call.items():
+        patient = await _seen_by(db, hsa_id, delivery.id)
+        assert ("address" in patient) is not protected, hsa_id
+        late = next(d for d in got.values() if d.id == delivery.escalated_from)
+        assert delivery.withheld == late.withheld
 
 
 async def test_the_address_is_stored_only_encrypted(db: Database) -> None:

@@ -56,6 +56,7 @@ class Late:
     event: str
     protected_identity: bool
     directory: Directory  # as it was when the step was taken
+    withheld: str | None = None  # what the late recipient is not sent: nor is who acts for it
 
 
 class Escalator:
@@ -186,6 +187,9 @@ class Escalator:
                 "attempts": 0,
                 "escalation_level": 0,
                 "escalated_from": late.id,
+                # the party acts for the late recipient: what that one is not sent (content
+                # of its role, a protected identity's address), it is not sent either
+                "withheld": late.withheld,
                 "created_at": now,
                 "updated_at": now,
             },
@@ -293,6 +297,7 @@ class Escalator:
                     deliveries.c.state,
                     deliveries.c.escalation_level,
                     deliveries.c.due_at,
+                    deliveries.c.withheld,
                     messages.c.patient_key,
                     messages.c.episode_key,
                     messages.c.canonical,
@@ -321,6 +326,7 @@ class Escalator:
             event=view.event.display,
             protected_identity=view.protected_identity,
             directory=directory,
+            withheld=row.withheld,
         )
 
 
