@@ -315,3 +315,22 @@ def iter_segments(ack: bytes) -> Iterator[list[str]]:
     for seg in ack.decode("utf-8", "replace").replace("\n", "\r").split("\r"):
         if seg:
             yield seg.split("|")
+
+
+def with_on_call(expected: dict[str, bool], at: datetime | None = None) -> dict[str, bool]:
+    """The recipients a gateway on the demo directory tells (hsa-id -> for information), with
+    the on-call unit of each receiver closed at ``at`` (now): it is told at once (decision
+    0019), so what an end-to-end test sees depends on the hour it runs at."""
+    from gateway.clock import now
+    from gateway.directory import Directory
+    from gateway.runtime import directory_path
+    from gateway.settings import Settings
+
+    demo = Directory.load(directory_path(Settings()))
+    when = at or now()
+    told = dict(expected)
+    for hsa_id, for_information in expected.items():
+        org = demo.get(hsa_id)
+        if not for_information and org and org.on_call and not org.staffed_at(when):
+            told.setdefault(org.on_call, False)
+    return told
