@@ -109,7 +109,11 @@ async def _read(url: str) -> Ledger:
             )
             per_message = await _counts(
                 conn,
-                select(deliveries.c.message_id, func.count()).group_by(deliveries.c.message_id),
+                # the admission's own recipients; an on-call unit told because one of them is
+                # closed at the hour the test runs (decision 0019) is no second delivery
+                select(deliveries.c.message_id, func.count())
+                .where(deliveries.c.escalated_from.is_(None))
+                .group_by(deliveries.c.message_id),
             )
             sends = await _counts(
                 conn,
