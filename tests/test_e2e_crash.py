@@ -72,7 +72,9 @@ def _delivered_exactly_once(gw: GatewayProcess, total: int) -> None:
     def all_there() -> bool:
         return len(inbox(gw)) >= total
 
-    wait_for(all_there, timeout=90, interval=0.5, what=f"{total} notices in the inbox")
+    # generous: after Tansu restarts empty, the reconciler republishes; on a loaded machine
+    # that took over 90 s (the test is about nothing lost or doubled, not about speed)
+    wait_for(all_there, timeout=180, interval=0.5, what=f"{total} notices in the inbox")
     items = inbox(gw)
     assert len(items) == total
     assert len({i["message_id"] for i in items}) == total
