@@ -89,6 +89,26 @@ def _fit(segment: str, field: int, value: str, component: int | None = None) -> 
     return cut(cut(value, component), default_mapping().max_length(segment, field))
 
 
+def _msh_pid(notification_id: str, source: str, bundle: dict[str, Any]) -> list[str]:
+    """MSH and PID of an ORU^R01 (v2.5) to TakeCare about the patient of ``bundle``: addressed
+    back to ``source`` (TakeCare's MSH-3|MSH-4), fields from outside cut to the version's
+    lengths."""
+    app, _, facility = source.partition("|")
+    view = read_bundle(bundle)
+    patient = resources_by_ref(bundle).get("Patient/patient", {})
+    system = patient.get("identifier", [{}])[0].get("system", "")
+    id_type = ID_TYPES.get(system.rsplit("/", 1)[-1], "")
+    names = (patient.get("name") or [{}])[0]
+    pid5 = f"{_esc(names.get('family', ''))}^{_esc(' '.join(names.get('given', [])))}^^^^^L"
+    to_app, to_facility = _fit("MSH", 5, _esc(app), IS), _fit("MSH", 6, _esc(facility), IS)
+    return [
+        f"MSH|^~\\&|BRYGGA|BRYGGA|{to_app}|{to_facility}|{_ts(clock.now())}||ORU^R01^ORU_R01|"
+        f"{_fit('MSH', 10, notification_id)}|P|2.5|||AL|NE|SWE|UNICODE UTF-8",
+        f"PID|1||{_fit('PID', 3, f'{_esc(view.patient_identifier)}^^^^{id_type}')}||"
+        f"{_fit('PID', 5, pid5)}",
+    ]
+
+
 def build_oru(
     notification_id: str,
     source: str,
@@ -104,23 +124,12 @@ def build_oru(
     ``notification_id`` is MSH-10, so at most 20 characters (``ack.control_id()``). Fields
     from outside (TakeCare's MSH-3/4 and MSH-10) are cut to the version's lengths.
     """
-    app, _, facility = source.partition("|")
-    view = read_bundle(bundle)
-    patient = resources_by_ref(bundle).get("Patient/patient", {})
-    system = patient.get("identifier", [{}])[0].get("system", "")
-    id_type = ID_TYPES.get(system.rsplit("/", 1)[-1], "")
-    names = (patient.get("name") or [{}])[0]
-    pid5 = f"{_esc(names.get('family', ''))}^{_esc(' '.join(names.get('given', [])))}^^^^^L"
     hsa, name = recipient
     status = REPORTED[state]
     local = at.astimezone(STOCKHOLM).strftime("%Y-%m-%d %H:%M")
     summary = f"{name}: {status} {local}" + (f" av {actor[0]} ({actor[1]})" if actor else "")
-    to_app, to_facility = _fit("MSH", 5, _esc(app), IS), _fit("MSH", 6, _esc(facility), IS)
     segments = [
-        f"MSH|^~\\&|BRYGGA|BRYGGA|{to_app}|{to_facility}|{_ts(clock.now())}||ORU^R01^ORU_R01|"
-        f"{_fit('MSH', 10, notification_id)}|P|2.5|||AL|NE|SWE|UNICODE UTF-8",
-        f"PID|1||{_fit('PID', 3, f'{_esc(view.patient_identifier)}^^^^{id_type}')}||"
-        f"{_fit('PID', 5, pid5)}",
+        *_msh_pid(notification_id, source, bundle),
         f"OBR|1|{_fit('OBR', 2, _esc(original_control_id))}||LUSKVITTENS^Mottagarkvittens LUS^L"
         f"|||{_ts(at)}",
         f"OBX|1|CE|MOTTAGARE^Mottagare^L||{_esc(hsa)}^{_esc(name)}^HSA||||||F",
@@ -146,22 +155,11 @@ def build_return_oru(
     vårdkontakt, SIP, request or answer, deviation, services started) back to the ward,
     filed under its own message (OBR-2 the original MSH-10) like a receipt. Each thing the
     party said is one OBX; the whole in Swedish in the NTE."""
-    app, _, facility = source.partition("|")
-    view = read_bundle(original)
-    patient = resources_by_ref(original).get("Patient/patient", {})
-    system = patient.get("identifier", [{}])[0].get("system", "")
-    id_type = ID_TYPES.get(system.rsplit("/", 1)[-1], "")
-    names = (patient.get("name") or [{}])[0]
-    pid5 = f"{_esc(names.get('family', ''))}^{_esc(' '.join(names.get('given', [])))}^^^^^L"
     lines = returns.ward_lines(bundle)
     at = datetime.fromisoformat(bundle["timestamp"])
     hsa, name = sender
-    to_app, to_facility = _fit("MSH", 5, _esc(app), IS), _fit("MSH", 6, _esc(facility), IS)
     segments = [
-        f"MSH|^~\\&|BRYGGA|BRYGGA|{to_app}|{to_facility}|{_ts(clock.now())}||ORU^R01^ORU_R01|"
-        f"{_fit('MSH', 10, notification_id)}|P|2.5|||AL|NE|SWE|UNICODE UTF-8",
-        f"PID|1||{_fit('PID', 3, f'{_esc(view.patient_identifier)}^^^^{id_type}')}||"
-        f"{_fit('PID', 5, pid5)}",
+        *_msh_pid(notification_id, source, original),
         f"OBR|1|{_fit('OBR', 2, _esc(original_control_id))}||LUSSVAR^Svar från part LUS^L"
         f"|||{_ts(at)}",
         f"OBX|1|CE|AVSANDARE^Avsändare^L||{_esc(hsa)}^{_esc(name)}^HSA||||||F",
