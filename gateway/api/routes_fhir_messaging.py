@@ -26,6 +26,7 @@ from sqlalchemy import select
 from gateway import audit, clock
 from gateway.api.policy import Grant, allow
 from gateway.api.routes_consent import EXAMPLE_OUTCOME, FHIR_JSON, fhir_base, outcome
+from gateway.api.routes_inbox import accept_return
 from gateway.model.bundle import DEFAULT_SOURCE_ENDPOINT
 from gateway.model.events import LUS_EVENT_SYSTEM
 from gateway.model.identifiers import HSA_SYSTEM
@@ -336,25 +337,14 @@ async def _return_message(
                 "the Communication or a resource it references is not valid FHIR R4 JSON",
             ) from None
         async with request.app.state.db.transaction() as conn:
-            stored = await returns.accept(
+            stored = await accept_return(
                 conn,
+                who,
                 ret,
-                who.org,
-                "",
                 source=f"fhir|{who.org}",
                 control_id=str(control)[:200],
                 raw=json.dumps(bundle).encode(),
                 endpoint=fhir_base(request),
-            )
-            await audit.record(
-                conn,
-                who.audit_entry(
-                    "message.return",
-                    audit.PURPOSE_LUS,
-                    stored.patient_key,
-                    stored.message_id,
-                    ret.event.value,
-                ),
             )
     except returns.ReturnInvalid as exc:
         code = "not-found" if exc.status == 404 else "invalid"

@@ -20,6 +20,30 @@ from gateway.pipeline.ledger import Actor
 from gateway.store.retry import in_transaction
 
 router = APIRouter(prefix="/api/v1/inbox", tags=["inbox"])
+
+
+async def accept_return(
+    conn: AsyncConnection,
+    who: Grant,
+    ret: returns.ReturnMessage,
+    *,
+    source: str,
+    control_id: str,
+    raw: bytes,
+    endpoint: str,
+) -> returns.Stored:
+    """A party's return message stored in the caller's transaction, and who sent it in the
+    audit trail: one path for the inbox API and FHIR ``$process-message``."""
+    stored = await returns.accept(
+        conn, ret, who.org, "", source=source, control_id=control_id, raw=raw, endpoint=endpoint
+    )
+    entry = who.audit_entry(
+        "message.return", audit.PURPOSE_LUS, stored.patient_key, stored.message_id, ret.event.value
+    )
+    await audit.record(conn, entry)
+    return stored
+
+
 Reader = Annotated[Grant, Depends(allow("inbox.read"))]
 Acknowledger = Annotated[Grant, Depends(allow("inbox.acknowledge"))]
 Answerer = Annotated[Grant, Depends(allow("inbox.return"))]
@@ -195,25 +219,14 @@ async def send_return(
         async with request.app.state.db.transaction() as conn:
             if await inbox.get_notice(conn, who.org, notice_id) is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
-            stored = await returns.accept(
+            stored = await accept_return(
                 conn,
+                who,
                 ret,
-                who.org,
-                "",
                 source=f"inbox|{who.org}",
                 control_id=request.headers.get("Idempotency-Key") or str(uuid.uuid4()),
                 raw=json.dumps(body).encode(),
                 endpoint=fhir_base(request),
-            )
-            await audit.record(
-                conn,
-                who.audit_entry(
-                    "message.return",
-                    audit.PURPOSE_LUS,
-                    stored.patient_key,
-                    stored.message_id,
-                    ret.event.value,
-                ),
             )
     except returns.ReturnInvalid as exc:
         if exc.status == 404:
